@@ -1,0 +1,128 @@
+"""Build the encoder-forecaster from a net_params preset, and check that the preset fits."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ConvRNN import CELLS
+from decoder import Forecaster
+from encoder import Encoder
+from net_params import Conv, Preset, get_preset
+
+FIX = "fix net_params.py"
+
+
+def _check_conv(where: str, spec: Conv) -> None:
+    if spec.in_channels < 1 or spec.out_channels < 1 or spec.stride < 1:
+        raise ValueError(f"{where}: channels and stride must be >= 1, got {spec}; {FIX}")
+    if spec.transposed:
+        if spec.kernel < spec.stride or (spec.kernel - spec.stride) % 2:
+            raise ValueError(
+                f"{where}: a transposed conv with stride {spec.stride} needs kernel - stride "
+                f"even and >= 0 to upsample exactly, got kernel {spec.kernel} "
+                f"(e.g. kernel {spec.stride + 2}); {FIX}")
+    elif spec.kernel % 2 == 0:
+        raise ValueError(f"{where}: kernel {spec.kernel} is even; convs need odd kernels "
+                         f"for 'same' padding; {FIX}")
+
+
+def validate(preset: Preset) -> None:
+    """Raise ValueError naming the stage and the mismatch if the preset cannot be built."""
+    if preset.cell not in CELLS:
+        raise ValueError(f"unknown cell {preset.cell!r}; known cells: "
+                         f"{', '.join(sorted(CELLS))}; {FIX}")
+    if preset.cell_kernel < 1 or preset.cell_kernel % 2 == 0:
+        raise ValueError(f"cell_kernel {preset.cell_kernel} is even; cells need odd kernels "
+                         f"for 'same' padding; {FIX}")
+    if not preset.stages:
+        raise ValueError(f"a preset needs at least one stage; {FIX}")
+    if not preset.head:
+        raise ValueError(f"the head needs at least one conv to make frames; {FIX}")
+    size, channels, source = preset.image_size, preset.frame_channels, "the frames have"
+    for k, stage in enumerate(preset.stages, start=1):
+        name = f"stage {k}"
+        _check_conv(f"{name} down", stage.down)
+        _check_conv(f"{name} up", stage.up)
+        if stage.down.in_channels != channels:
+            raise ValueError(f"{name}: down conv expects {stage.down.in_channels} input channels "
+                             f"but {source} {channels}; {FIX}")
+        if stage.hidden < 1:
+            raise ValueError(f"{name}: hidden must be >= 1, got {stage.hidden}; {FIX}")
+        if stage.up.in_channels != stage.hidden:
+            raise ValueError(f"{name}: up block expects {stage.up.in_channels} input channels "
+                             f"but the stage's cell gives {stage.hidden}; {FIX}")
+        if stage.up.stride > 1 and not stage.up.transposed:
+            raise ValueError(f"{name}: a stride-{stage.up.stride} up block must be "
+                             f"transposed=True to upsample; {FIX}")
+        if stage.up.stride != stage.down.stride:
+            raise ValueError(f"{name}: up stride {stage.up.stride} must mirror down stride "
+                             f"{stage.down.stride} so the forecaster's sizes meet the "
+                             f"encoder's; {FIX}")
+        if size % stage.down.stride:
+            raise ValueError(f"{name}: stride {stage.down.stride} does not divide the "
+                             f"{size}x{size} map it gets (image_size {preset.image_size}); "
+                             f"change the stride or the image size")
+        size //= stage.down.stride
+        channels, source = stage.hidden, f"{name}'s cell gives"
+    # Forecaster: the bottom stage's up block feeds the head.
+    channels, source = preset.stages[0].up.out_channels, "stage 1's up block"
+    for j, spec in enumerate(preset.head, start=1):
+        _check_conv(f"head conv {j}", spec)
+        if spec.stride != 1 or spec.transposed:
+            raise ValueError(f"head conv {j}: the head keeps the frame size; use stride 1, "
+                             f"not transposed; {FIX}")
+        if spec.in_channels != channels:
+            raise ValueError(f"head conv {j}: expects {spec.in_channels} input channels but "
+                             f"{source} gives {channels}; {FIX}")
+        channels, source = spec.out_channels, f"head conv {j}"
+    if channels != preset.frame_channels:
+        raise ValueError(f"the head's last conv makes {channels} channels but frames have "
+                         f"{preset.frame_channels}; {FIX}")
+
+
+class EncoderForecaster(nn.Module):
+    """(B, T_in, C, H, W) frames in [0, 1] -> (B, T_out, C, H, W) predicted frames.
+
+    The output is the raw last conv (no squashing), which the MSE loss and the
+    MSE/MAE metrics use as is.
+    """
+
+    def __init__(self, preset: Preset):
+        super().__init__()
+        validate(preset)
+        self.preset = preset
+        self.encoder = Encoder(preset)
+        self.forecaster = Forecaster(preset)
+        self.total_stride = 1
+        for stage in preset.stages:
+            self.total_stride *= stage.down.stride
+
+    def forward(self, x: torch.Tensor, frames_output: int | None = None) -> torch.Tensor:
+        p = self.preset
+        frames_output = p.frames_output if frames_output is None else frames_output
+        if x.dim() != 5 or x.shape[2] != p.frame_channels:
+            raise ValueError(f"expected input (B, T, {p.frame_channels}, H, W), got {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        if H % self.total_stride or W % self.total_stride:
+            raise ValueError(f"frames of {H}x{W} can't pass stages that downsample by "
+                             f"{self.total_stride} in all; use a size divisible by "
+                             f"{self.total_stride} or change the strides in net_params.py")
+        if frames_output < 1:
+            raise ValueError(f"frames_output must be >= 1, got {frames_output}")
+        return self.forecaster(self.encoder(x), frames_output)
+
+
+def build_model(name_or_preset: str | Preset | dict) -> EncoderForecaster:
+    """A preset name from net_params.PRESETS, a Preset, or a Preset.to_dict() (checkpoints)."""
+    if isinstance(name_or_preset, str):
+        preset = get_preset(name_or_preset)
+    elif isinstance(name_or_preset, dict):
+        preset = Preset.from_dict(name_or_preset)
+    else:
+        preset = name_or_preset
+    return EncoderForecaster(preset)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,116 @@
+"""Architectures as data. Edit a preset here, or add one to PRESETS, to try a new model.
+
+A preset describes an encoder-forecaster (Shi et al. 2015, §3.3) as a list of stages,
+bottom (full resolution) first. Stage k of the encoder runs its ``down`` block, then a
+recurrent cell with ``hidden`` channels. The forecaster runs the stages top first: each
+cell starts from the encoder state of the same stage, then its ``up`` block feeds the
+stage below; the top cell has no input. ``head`` turns the bottom stage's ``up`` output
+into frames. Every block but the head's last conv is followed by LeakyReLU(0.2).
+
+    frames -> down1 -> cell1 -> down2 -> cell2 -> ...            (encoder)
+                        |states           |states
+    frames <- head <- up1 <- cell1 <- up2 <- cell2 <- ...        (forecaster)
+
+``model.build_model`` checks that the channels chain, that strides divide the image size
+and that kernels are odd, and names the stage that doesn't fit.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Conv:
+    """A convolution block: Conv2d, or ConvTranspose2d with ``transposed=True``.
+
+    Padding is derived: (kernel - 1) / 2 for a conv, (kernel - stride) / 2 for a
+    transposed conv, so a conv divides H and W by ``stride`` and a transposed conv
+    multiplies them by it.
+    """
+    in_channels: int
+    out_channels: int
+    kernel: int
+    stride: int = 1
+    transposed: bool = False
+
+
+@dataclass
+class Stage:
+    down: Conv    # encoder block before this stage's cell; downsamples by down.stride
+    hidden: int   # channels of this stage's cells (the forecaster starts from the encoder's state)
+    up: Conv      # forecaster block after this stage's cell; must upsample by down.stride
+
+
+@dataclass
+class Preset:
+    cell: str                  # "convlstm" | "convgru" | "trajgru" (see ConvRNN.CELLS)
+    stages: list[Stage]        # bottom (full resolution) first; 1 to 5 stages work
+    head: list[Conv]           # after the bottom stage's up block; the last conv makes frames
+    cell_kernel: int = 5       # odd; 'same' padding
+    norm: str | None = "group" # GroupNorm on gate pre-activations, as the original repo
+    cell_options: dict = field(default_factory=dict)  # extra cell kwargs, e.g. {"peephole": True}
+    frame_channels: int = 1
+    image_size: int = 64
+    frames_input: int = 10     # default sequence lengths; main.py flags override
+    frames_output: int = 10
+    batch_size: int = 16       # recommended training defaults; main.py flags override
+    lr: float = 1e-4
+
+    def to_dict(self) -> dict:
+        """Plain data (for config.json and checkpoints)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preset":
+        d = dict(d)
+        d["stages"] = [Stage(down=Conv(**s["down"]), hidden=s["hidden"], up=Conv(**s["up"]))
+                       for s in d["stages"]]
+        d["head"] = [Conv(**c) for c in d["head"]]
+        return cls(**d)
+
+
+def _original(cell: str) -> Preset:
+    """The original repo's architecture: 3 stages, 64/96/96 channels at 64/32/16 px."""
+    return Preset(
+        cell=cell,
+        stages=[
+            Stage(down=Conv(1, 16, 3, stride=1), hidden=64, up=Conv(64, 16, 3, stride=1)),
+            Stage(down=Conv(64, 64, 3, stride=2), hidden=96,
+                  up=Conv(96, 96, 4, stride=2, transposed=True)),
+            Stage(down=Conv(96, 96, 3, stride=2), hidden=96,
+                  up=Conv(96, 96, 4, stride=2, transposed=True)),
+        ],
+        head=[Conv(16, 1, 1)],
+        cell_kernel=5,
+        norm="group",
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    "convlstm": _original("convlstm"),  # 8,110,625 parameters
+    "convgru": _original("convgru"),    # 6,189,089 parameters
+    # Small enough to learn visibly in 15 minutes on 2 CPU cores; tests use it too.
+    "tiny": Preset(
+        cell="convlstm",
+        stages=[
+            Stage(down=Conv(1, 16, 3, stride=2), hidden=32,
+                  up=Conv(32, 16, 4, stride=2, transposed=True)),
+            Stage(down=Conv(32, 32, 3, stride=2), hidden=32,
+                  up=Conv(32, 32, 4, stride=2, transposed=True)),
+        ],
+        head=[Conv(16, 16, 3), Conv(16, 1, 1)],
+        cell_kernel=3,
+        norm="group",
+        batch_size=8,
+        lr=1e-3,
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return copy.deepcopy(PRESETS[name])  # callers may edit their copy
