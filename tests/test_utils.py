@@ -1,0 +1,303 @@
+import io
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage.metrics import structural_similarity
+
+import utils
+
+
+def _videos(b=3, t=4, c=1, h=16, w=16, seed=0):
+    """Random target in [0, 1] and a prediction that strays outside it, (B, T, C, H, W)."""
+    g = torch.Generator().manual_seed(seed)
+    target = torch.rand(b, t, c, h, w, generator=g)
+    pred = target + 0.4 * torch.randn(b, t, c, h, w, generator=g)
+    return pred, target
+
+
+def _reference(pred, target):
+    """Per-frame metrics written straight from the definitions in REFERENCES.md."""
+    p = pred.double().numpy()
+    y = target.double().numpy()
+    rows = {"mse": [], "mae": [], "ssim": [], "psnr": []}
+    for i in range(p.shape[0]):
+        for j in range(p.shape[1]):
+            raw, true = p[i, j], y[i, j]  # (C, H, W)
+            clip = np.clip(raw, 0, 1)
+            rows["mse"].append(((raw - true) ** 2).sum())
+            rows["mae"].append(np.abs(raw - true).sum())
+            if raw.shape[0] == 1:
+                rows["ssim"].append(structural_similarity(clip[0], true[0], data_range=1.0))
+            else:  # channel-last, unlike utils, so the two paths differ
+                rows["ssim"].append(structural_similarity(clip.transpose(1, 2, 0), true.transpose(1, 2, 0),
+                                                          data_range=1.0, channel_axis=-1))
+            rows["psnr"].append(10 * np.log10(1 / np.mean((clip - true) ** 2)))
+    means = {k: float(np.mean(v)) for k, v in rows.items()}
+    means["per_frame_mse"] = np.array(rows["mse"]).reshape(p.shape[:2]).mean(0)
+    return means
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_metrics_match_reference(channels):
+    pred, target = _videos(c=channels)
+    acc = utils.MetricAccumulator(4)
+    acc.update(pred, target)
+    got, want = acc.compute(), _reference(pred, target)
+    for key in ("mse", "mae", "ssim", "psnr"):
+        assert got[key] == pytest.approx(want[key], abs=1e-6, rel=1e-9), key
+    np.testing.assert_allclose(got["per_frame_mse"], want["per_frame_mse"], rtol=1e-9)
+    assert acc.count == 3 and acc.totals.shape == (4, 4) and acc.totals.dtype == torch.float64
+
+
+def test_two_batches_equal_one():
+    pred, target = _videos(b=6)
+    whole, split = utils.MetricAccumulator(4), utils.MetricAccumulator(4)
+    whole.update(pred, target)
+    split.update(pred[:2], target[:2])
+    split.update(pred[2:], target[2:])
+    assert split.count == whole.count == 6
+    torch.testing.assert_close(split.totals, whole.totals, rtol=1e-12, atol=1e-12)
+
+
+def test_tensor_round_trip_and_sum_like_all_reduce():
+    pred, target = _videos(b=6)
+    whole, first, second = (utils.MetricAccumulator(4) for _ in range(3))
+    whole.update(pred, target)
+    first.update(pred[:3], target[:3])
+    second.update(pred[3:], target[3:])
+
+    flat = whole.as_tensor()
+    assert flat.shape == (4 * 4 + 1,) and flat.dtype == torch.float64
+    restored = utils.MetricAccumulator(4)
+    restored.load_tensor(flat)
+    assert restored.compute() == whole.compute()
+
+    reduced = utils.MetricAccumulator(4)
+    reduced.load_tensor(first.as_tensor() + second.as_tensor())
+    assert reduced.count == 6
+    got, want = reduced.compute(), whole.compute()
+    for key in ("mse", "mae", "ssim", "psnr"):
+        assert got[key] == pytest.approx(want[key], rel=1e-12)
+
+    with pytest.raises(ValueError, match="17"):
+        utils.MetricAccumulator(4).load_tensor(torch.zeros(5))
+
+
+def test_clipping_for_ssim_psnr_but_not_mse_mae():
+    target = torch.ones(1, 1, 1, 8, 8)
+    pred = torch.full_like(target, 1.5)  # clipped, this is a perfect prediction
+    acc = utils.MetricAccumulator(1)
+    acc.update(pred, target)
+    m = acc.compute()
+    assert m["mse"] == pytest.approx(0.25 * 64)
+    assert m["mae"] == pytest.approx(0.5 * 64)
+    assert m["ssim"] == pytest.approx(1.0)
+    assert m["psnr"] == pytest.approx(10 * np.log10(1 / utils.PSNR_MIN_MSE))  # capped, not inf
+    assert torch.all(pred == 1.5)  # the caller's tensor is untouched
+
+
+@pytest.mark.parametrize("k", [0, 1, 17, 64])
+def test_all_zero_prediction_against_k_ones(k):
+    target = torch.zeros(2, 3, 1, 8, 8)
+    target.view(2, 3, -1)[..., :k] = 1.0
+    acc = utils.MetricAccumulator(3)
+    acc.update(torch.zeros_like(target), target)
+    m = acc.compute()
+    assert m["mse"] == k and m["mae"] == k
+    assert m["per_frame_mse"] == [k, k, k]
+
+
+def test_update_rejects_bad_input():
+    acc = utils.MetricAccumulator(4)
+    pred, target = _videos()
+    with pytest.raises(ValueError, match="shape"):
+        acc.update(pred, target[:, :3])
+    with pytest.raises(ValueError, match="4 frames"):
+        acc.update(pred[:, :3], target[:, :3])
+    with pytest.raises(ValueError, match="255"):
+        acc.update(pred, target * 255)
+    with pytest.raises(ValueError, match="too small"):
+        acc.update(pred[..., :5, :5], target[..., :5, :5])
+    with pytest.raises(ValueError, match="update"):
+        acc.compute()
+
+
+def test_copy_last_frame():
+    inputs = torch.rand(2, 5, 1, 8, 8)
+    out = utils.copy_last_frame(inputs, 3)
+    assert out.shape == (2, 3, 1, 8, 8)
+    for t in range(3):
+        assert torch.equal(out[:, t], inputs[:, -1])
+
+
+def _grid_videos(c=1):
+    g = torch.Generator().manual_seed(1)
+    inputs = torch.rand(3, 5, c, 8, 8, generator=g)
+    targets = torch.rand(3, 3, c, 8, 8, generator=g)
+    preds = torch.rand(3, 3, c, 8, 8, generator=g)
+    preds[0, 0, :, 0, 0] = 2.0  # must show as white, not wrap around
+    return inputs, targets, preds
+
+
+def test_prediction_grid_layout():
+    inputs, targets, preds = _grid_videos()
+    grid = utils.prediction_grid(inputs, targets, preds, max_sequences=2, pad=2)
+    # 2 sequences x 3 rows of 8 px, 2 px between rows, 6 px between sequences; 5 columns
+    assert grid.shape == (2 + 6 * (8 + 2) + 4, 2 + 5 * (8 + 2))
+    assert grid.dtype == np.uint8
+    for col in range(3):
+        x = 2 + col * 10
+        cell = grid[2 + 2 * 10:2 + 2 * 10 + 8, x:x + 8]  # sequence 0, prediction row
+        want = np.rint(preds[0, col, 0].clamp(0, 1).numpy() * 255).astype(np.uint8)
+        np.testing.assert_array_equal(cell, want)
+    assert grid[22, 2] == 255
+    # the truth row has 3 frames, so columns 4 and 5 are background
+    assert np.all(grid[12:20, 32:] == utils.BACKGROUND)
+    # sequence 1's input row starts after the wider gap
+    want = np.rint(inputs[1, 4, 0].numpy() * 255).astype(np.uint8)
+    np.testing.assert_array_equal(grid[36:44, 42:50], want)
+
+
+def test_prediction_grid_rgb_and_numpy():
+    inputs, targets, preds = (x.numpy() for x in _grid_videos(c=3))
+    grid = utils.prediction_grid(inputs, targets, preds, max_sequences=4, pad=1)
+    assert grid.shape == (1 + 9 * (8 + 1) + 2 * 2, 1 + 5 * 9, 3)
+    with pytest.raises(ValueError, match="channels"):
+        utils.prediction_grid(inputs[:, :, :2], targets[:, :, :2], preds[:, :, :2])
+
+
+def test_save_prediction_figure(tmp_path):
+    inputs, targets, preds = _grid_videos()
+    path = tmp_path / "new" / "dir" / "figure.png"
+    utils.save_prediction_figure(path, inputs, targets, preds, max_sequences=2, pad=2, scale=2)
+    grid = utils.prediction_grid(inputs, targets, preds, max_sequences=2, pad=2)
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        pixels = np.asarray(img)
+    margin = pixels.shape[1] - 2 * grid.shape[1]
+    assert pixels.shape[0] == 2 * grid.shape[0] and margin > 0
+    np.testing.assert_array_equal(pixels[:, margin:], grid.repeat(2, 0).repeat(2, 1))
+    assert pixels[:, :margin].min() < 100  # labels were drawn
+    assert os.listdir(path.parent) == ["figure.png"]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_save_prediction_gif(tmp_path, channels):
+    inputs, targets, preds = _grid_videos(c=channels)
+    path = tmp_path / "gifs" / "pred.gif"
+    utils.save_prediction_gif(path, inputs, targets, preds, max_sequences=2, duration_ms=100)
+    with Image.open(path) as img:
+        assert img.format == "GIF"
+        assert img.n_frames == 5 + 3
+        img.seek(img.n_frames - 1)
+        assert img.info["duration"] == 100
+    assert os.listdir(path.parent) == ["pred.gif"]
+
+
+def test_atomic_save_load_checkpoint_round_trip(tmp_path):
+    ckpt = {"model": {"w": torch.randn(3, 4)}, "config": {"preset": "tiny", "lr": 1e-4},
+            "iteration": 7, "rng": utils.rng_state()}
+    path = tmp_path / "run" / "ckpt.pt"
+    utils.atomic_save(ckpt, path)
+    loaded = utils.load_checkpoint(path)
+    assert torch.equal(loaded["model"]["w"], ckpt["model"]["w"])
+    assert loaded["config"] == ckpt["config"] and loaded["iteration"] == 7
+    assert os.listdir(path.parent) == ["ckpt.pt"]
+
+
+def _write_text(path):
+    path.write_text("model: not a checkpoint\n")
+
+
+def _write_random(path):
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+
+
+def _write_empty(path):
+    path.write_bytes(b"")
+
+
+def _write_no_config(path):
+    torch.save({"model": {}}, path)
+
+
+def _write_list(path):
+    torch.save([torch.zeros(1)], path)
+
+
+@pytest.mark.parametrize("write, problem", [
+    (_write_text, "torch.load failed"),
+    (_write_random, "torch.load failed"),
+    (_write_empty, "torch.load failed"),
+    (_write_no_config, "config"),
+    (_write_list, "expected a dict"),
+    (None, "no such file"),
+])
+def test_load_checkpoint_rejects(tmp_path, write, problem):
+    path = tmp_path / "bad.pt"
+    if write is not None:
+        write(path)
+    with pytest.raises(ValueError) as info:
+        utils.load_checkpoint(path)
+    message = str(info.value)
+    assert str(path) in message and "not a checkpoint written by main.py" in message
+    assert problem in message
+    assert "\n" not in message
+
+
+def test_failed_save_keeps_existing_file(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    utils.atomic_save({"model": {}, "config": {"v": 1}}, path)
+    before = path.read_bytes()
+    with pytest.raises(Exception):
+        utils.atomic_save({"model": {}, "config": {"fn": lambda x: x}}, path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temporary file is gone too
+    assert utils.load_checkpoint(path)["config"] == {"v": 1}
+
+
+def test_rng_state_survives_save_and_load():
+    utils.seed_everything(123)
+    buffer = io.BytesIO()
+    torch.save({"rng": utils.rng_state()}, buffer)
+    expected = torch.rand(5)
+    torch.rand(100)  # move the generator on
+    buffer.seek(0)
+    utils.set_rng_state(torch.load(buffer, weights_only=True)["rng"])
+    assert torch.equal(torch.rand(5), expected)
+
+
+def test_seed_everything_is_reproducible():
+    utils.seed_everything(7)
+    a = torch.rand(3)
+    utils.seed_everything(7)
+    assert torch.equal(torch.rand(3), a)
+
+
+def test_pick_device():
+    assert utils.pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="not a device name"):
+        utils.pick_device("gpu")
+    if torch.cuda.is_available():
+        assert utils.pick_device("auto").type == "cuda"
+    else:
+        with pytest.raises(ValueError, match=re.escape("torch.cuda.is_available() is False")):
+            utils.pick_device("cuda")
+        if not torch.backends.mps.is_available():
+            assert utils.pick_device("auto") == torch.device("cpu")
+
+
+def test_format_metrics_table():
+    table = utils.format_metrics_table({
+        "model": {"mse": 23.456, "mae": 72.8, "ssim": 0.94621, "psnr": 21.3, "per_frame_mse": [1.0]},
+        "copy_last_baseline": {"mse": 307.0, "mae": 360.0, "ssim": 0.64},
+    })
+    lines = table.splitlines()
+    assert lines[0].split() == ["model", "mse", "mae", "ssim", "psnr"]
+    assert lines[2].split() == ["model", "23.46", "72.80", "0.9462", "21.30"]
+    assert lines[3].split() == ["copy_last_baseline", "307.00", "360.00", "0.6400", "-"]
+    assert len({len(line) for line in lines}) == 1  # columns line up
