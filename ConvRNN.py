@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -215,9 +216,142 @@ class ConvGRUCell(ConvRNNCell):
         return h, h
 
 
+class TrajGRUCell(ConvRNNCell):
+    """TrajGRU of Shi et al. 2017, "Deep learning for precipitation nowcasting: a benchmark
+    and a new model" (NeurIPS), §3 and its official MXNet code (sxjscience/HKO-7).
+
+    A ConvGRU whose state-to-state connections follow L learned flow fields instead of a
+    fixed kernel. Per step, with H = H_{t-1}:
+
+        F = conv_k(leaky(conv_k(X) + conv_k(H), 0.2))      # flow generator, 2L channels
+        (U_l, V_l) = F[2l], F[2l + 1]                      # l = 1..L, in pixels
+        W_l(H)(y, x) = H(y − V_l(y, x), x − U_l(y, x))     # bilinear warp, zeros outside
+        h2h_r, h2h_z, h2h_h = conv_1x1(cat_l W_l(H))
+        i2h_r, i2h_z, i2h_h = conv_3x3(X)
+        r = σ(i2h_r + h2h_r);  z = σ(i2h_z + h2h_z)
+        H' = leaky(i2h_h + r∘h2h_h, 0.2)
+        H_t = (1 − z)∘H' + z∘H
+
+    Flows are in pixels and say where the content MOVES: a constant flow (U, V) = (dx, dy)
+    shifts the state dx pixels right and dy down, like torch.roll(H, (dy, dx)). The
+    official code samples at p − F too (GridGenerator(-flow)). z is the share of the OLD
+    state that is kept, as in the paper and in ConvGRUCell here.
+
+    Kernels: ``kernel_size`` (the preset's cell_kernel) sets the three convolutions of the
+    flow generator, 5×5 in the paper. The input-to-state convolution is 3×3
+    (``input_kernel_size``) and the state-to-state one 1×1 over the warped maps, as in
+    the paper. The last flow convolution starts at zero, so training starts from zero
+    flow (every link is the identity warp), as the official code does.
+
+    Biases: only the state branches carry one (the H→32 flow conv and the 1×1 h2h conv), so
+    splitting cat(X, H) into two convolutions adds no second bias. ``project_input``
+    computes BOTH input-only convolutions (i2h and the X→32 flow branch) in one call, so
+    `run_cell` batches them over all T frames.
+
+    x: (B, C_in, H, W) or None; state: h (B, C_hid, H, W) or None. Returns (h, h).
+    With state=None the flow generator is skipped: every warp of a zero state is zero,
+    whatever the flows. ``norm`` is not in the paper (the ``trajgru`` preset uses None);
+    "group" applies GroupNorm to the (r, z) pre-activations and to the candidate's.
+    """
+
+    def __init__(self, input_channels: int, hidden_channels: int, kernel_size: int, *,
+                 links: int = 13, norm: str | None = None, flow_channels: int = 32,
+                 input_kernel_size: int = 3):
+        if links < 1 or flow_channels < 1:
+            raise ValueError(f"TrajGRU needs links >= 1 and flow_channels >= 1, "
+                             f"got links={links} and flow_channels={flow_channels}")
+        # input_conv is i2h: (r, z, h), 3 * C_hid channels, bias-free.
+        super().__init__(input_channels, hidden_channels, kernel_size, 3 * hidden_channels,
+                         input_kernel_size=input_kernel_size)
+        self.links = links
+        pad = kernel_size // 2
+        self.flow_input_conv = (
+            nn.Conv2d(input_channels, flow_channels, kernel_size, padding=pad, bias=False)
+            if input_channels > 0 else None
+        )
+        self.flow_hidden_conv = nn.Conv2d(hidden_channels, flow_channels, kernel_size, padding=pad)
+        self.flow_out_conv = nn.Conv2d(flow_channels, 2 * links, kernel_size, padding=pad)
+        nn.init.zeros_(self.flow_out_conv.weight)
+        nn.init.zeros_(self.flow_out_conv.bias)
+        self.hidden_conv = nn.Conv2d(links * hidden_channels, 3 * hidden_channels, 1)
+        self.gate_norm = _norm(norm, 2 * hidden_channels)
+        self.candidate_norm = _norm(norm, hidden_channels)
+        self._grid_cache: tuple | None = None  # (key, base grid, scale); not a buffer
+
+    def project_input(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C_in, H, W) -> (N, 3*C_hid + flow_channels, H, W): i2h, then the flow input branch."""
+        i2h = super().project_input(x)  # also checks x
+        return torch.cat([i2h, self.flow_input_conv(x)], dim=1)
+
+    def flows(self, x_flow: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
+        """Flow generator: (B, 2L, H, W) in pixels, channels (U_1, V_1, ..., U_L, V_L).
+
+        x_flow is the X→32 branch from ``project_input`` (None without input)."""
+        f = self.flow_hidden_conv(h)
+        if x_flow is not None:
+            f = f + x_flow
+        return self.flow_out_conv(F.leaky_relu(f, 0.2))
+
+    def _base_grid(self, H: int, W: int, device, dtype):
+        """The identity grid (H, W, 2) in grid_sample's (x, y) order, and pixels -> [-1, 1].
+
+        align_corners=True: -1 and 1 are the CENTRES of the first and last pixel, so a
+        pixel is 2 / (size − 1) normalised units and pixel i sits at −1 + i·2/(size − 1).
+        """
+        key = (H, W, device, dtype)
+        if self._grid_cache is None or self._grid_cache[0] != key:
+            ys = torch.linspace(-1, 1, H, device=device, dtype=dtype)
+            xs = torch.linspace(-1, 1, W, device=device, dtype=dtype)
+            base = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (H, W, 2)
+            scale = torch.tensor([2 / max(W - 1, 1), 2 / max(H - 1, 1)], device=device, dtype=dtype)
+            self._grid_cache = (key, base, scale)
+        return self._grid_cache[1:]
+
+    def warp(self, h: torch.Tensor, flows: torch.Tensor) -> torch.Tensor:
+        """h (B, C, H, W) warped by each of the L flows -> (B, L*C, H, W), link l at [l*C, (l+1)*C).
+
+        One grid_sample call for all links: the L grids are stacked along the height, so
+        h is sampled as it is, not copied L times.
+        """
+        B, C, H, W = h.shape
+        L = self.links
+        # Sample positions need more than bfloat16's 8 bits (autocast runs grid_sample in
+        # float32 on CUDA anyway); float32 and float64 pass through unchanged.
+        dtype = torch.promote_types(h.dtype, torch.float32)
+        base, scale = self._base_grid(H, W, flows.device, dtype)
+        uv = flows.to(dtype).unflatten(1, (L, 2)).permute(0, 1, 3, 4, 2)  # (B, L, H, W, 2)
+        grid = (base - uv * scale).reshape(B, L * H, W, 2)  # sample at p − F: content moves by +F
+        warped = F.grid_sample(h.to(dtype), grid, mode="bilinear", padding_mode="zeros",
+                               align_corners=True)  # (B, C, L*H, W)
+        return warped.unflatten(2, (L, H)).transpose(1, 2).reshape(B, L * C, H, W).to(h.dtype)
+
+    def step(self, x_proj, state):
+        self._need_shape(x_proj, state)
+        C = self.hidden_channels
+        i2h = x_flow = None
+        if x_proj is not None:
+            i2h, x_flow = x_proj[:, :3 * C], x_proj[:, 3 * C:]
+        if state is None:  # H = 0: every warped map is 0, so h2h is just the 1x1 conv's bias
+            h2h = self.hidden_conv.bias.view(1, -1, 1, 1)
+        else:
+            h2h = self.hidden_conv(self.warp(state, self.flows(x_flow, state)))  # (B, 3C, H, W)
+        gates = h2h[:, :2 * C] if i2h is None else i2h[:, :2 * C] + h2h[:, :2 * C]
+        r, z = torch.sigmoid(self.gate_norm(gates)).chunk(2, dim=1)  # each (B, C_hid, H, W)
+        cand = r * h2h[:, 2 * C:]
+        if i2h is not None:
+            cand = cand + i2h[:, 2 * C:]
+        new = F.leaky_relu(self.candidate_norm(cand), 0.2)
+        h = (1 - z) * new if state is None else (1 - z) * new + z * state
+        return h, h
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", links={self.links}"
+
+
 CELLS: dict[str, type[ConvRNNCell]] = {
     "convlstm": ConvLSTMCell,
     "convgru": ConvGRUCell,
+    "trajgru": TrajGRUCell,
 }
 
 
