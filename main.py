@@ -14,15 +14,18 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from data.mm import MovingMNIST, SequenceArrayDataset, load_sequences, split_holdout
@@ -32,6 +35,7 @@ from utils import (MetricAccumulator, atomic_save, load_checkpoint, pick_device,
                    prediction_grid, rng_state, seed_everything, set_rng_state)
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+METRICS = ("mse", "mae", "ssim", "psnr")
 # Flags that may change when a run is resumed; everything else comes from its config.json.
 RESUMABLE = ("epochs", "time_budget", "device", "workers", "compile", "log_every", "patience")
 
@@ -205,14 +209,69 @@ def make_datasets(config: dict) -> tuple[Dataset, Dataset]:
     return train, val
 
 
-def epoch_order(dataset: Dataset, seed: int, epoch: int) -> list[int] | None:
-    """Moving MNIST draws a fresh sequence per (seed, epoch, index): no shuffle needed.
-    A fixed array is shuffled by a generator keyed on (seed, epoch), so resume is exact."""
+def epoch_indices(dataset: Dataset, config: dict, epoch: int, rank: int, world: int) -> list[int]:
+    """This process's sample indices for one epoch, in step order.
+
+    Step s of the global batch (batch_size * world sequences) covers positions
+    s*B*world ... (s+1)*B*world - 1 of the epoch's order; rank r takes the r-th slice of
+    B. A Moving MNIST sample is a function of (seed, epoch, index), so every rank draws
+    different sequences, and N processes of batch B see exactly the sequences that one
+    process of batch N*B sees. A fixed array is shuffled by a generator keyed on
+    (seed, epoch), the same on every rank, so resume is exact too.
+    """
     if isinstance(dataset, MovingMNIST):
         dataset.set_epoch(epoch)  # reaches the workers: they are re-created every epoch
-        return None
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(len(dataset), generator=g).tolist()
+        order = list(range(len(dataset)))
+    else:
+        g = torch.Generator().manual_seed(config["seed"] * 1_000_003 + epoch)
+        order = torch.randperm(len(dataset), generator=g).tolist()
+    B = config["batch_size"]
+    steps = len(order) // (B * world)
+    return [order[s * B * world + rank * B + j] for s in range(steps) for j in range(B)]
+
+
+# ----------------------------------------------------------------------------------------
+# Distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; one process otherwise.
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). nccl on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over processes (a no-op in one process). Handles nccl's need for device tensors."""
+    if not dist.is_initialized():
+        return t
+    backend_device = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend() == "nccl" else torch.device("cpu")
+    out = t.to(backend_device)
+    dist.all_reduce(out)
+    return out.to(t.device)
+
+
+def on_rank0(rank: int, fn, *args):
+    """Run fn on rank 0 and share its result, or its SystemExit, with every rank."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn(*args)
+        except SystemExit as e:
+            error = str(e)
+    if dist.is_initialized():
+        shared = [result, error]
+        dist.broadcast_object_list(shared, src=0)
+        result, error = shared
+    if error:
+        raise SystemExit(error)
+    return result
 
 
 # ----------------------------------------------------------------------------------------
@@ -244,22 +303,29 @@ class EarlyStopping:
 @torch.no_grad()
 def validate(model: nn.Module, loader: DataLoader, device, amp_ctx, frames_output: int):
     """Mean per-pixel MSE (the training loss) and the field's metrics on a fixed set.
-    Returns (val_loss, metrics dict, first batch (inputs, targets, preds) for pictures)."""
+
+    Under torchrun each process scores its shard and the sums are all-reduced, so the
+    result equals one process scoring the whole set.
+    Returns (val_loss, metrics dict, this process's first batch (inputs, targets, preds)).
+    """
     model.eval()
     metrics = MetricAccumulator(frames_output)
-    loss_sum, n, first = torch.zeros((), dtype=torch.float64, device=device), 0, None
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (squared error, pixels)
+    first = None
     for inputs, targets in loader:
         inputs, targets = inputs.to(device), targets.to(device)
         with amp_ctx:
             pred = model(inputs, frames_output=frames_output)
         pred = pred.float()
-        loss_sum += F.mse_loss(pred, targets, reduction="sum").double()
-        n += targets.numel()
+        sums[0] += F.mse_loss(pred, targets, reduction="sum").double()
+        sums[1] += targets.numel()
         metrics.update(pred, targets)
         if first is None:
             first = (inputs.cpu(), targets.cpu(), pred.cpu())
     model.train()
-    return loss_sum.item() / n, metrics.compute(), first
+    sums = all_sum(sums)
+    metrics.load_tensor(all_sum(metrics.as_tensor()))
+    return (sums[0] / sums[1]).item(), metrics.compute(), first
 
 
 def append_metrics(path: Path, record: dict) -> None:
@@ -274,35 +340,57 @@ def truncate_metrics(path: Path, epochs_done: int) -> None:
     lines = [l for l in path.read_text().splitlines() if l.strip()]
     kept = [l for l in lines if json.loads(l)["epoch"] <= epochs_done]
     if len(kept) != len(lines):
-        path.write_text("".join(l + "\n" for l in kept))
+        atomic_write(path, "".join(l + "\n" for l in kept))
 
 
 # ----------------------------------------------------------------------------------------
 
+def load_run(args, given: set[str]) -> tuple[dict, dict | None, str | None]:
+    """(config, checkpoint or None, run folder or None) from the flags."""
+    if not args.resume:
+        return resolve_config(args), None, args.out_dir
+    path = find_resume_checkpoint(args.resume, args.out_dir)
+    checkpoint = load_checkpoint(path)
+    config = checkpoint["config"]
+    fixed = sorted(given - set(RESUMABLE) - {"resume", "out_dir"})
+    if fixed:
+        raise SystemExit(f"error: --{fixed[0].replace('_', '-')} can't change on --resume "
+                         f"(the run's config.json fixes it); start a new run instead")
+    config.update({k: getattr(args, k) for k in RESUMABLE if k in given})
+    return config, checkpoint, str(path.parent.parent)
+
+
 def main(argv=None) -> dict:
     args, given = parse_args(argv)
-    resume_from = None
-    if args.resume:
-        resume_from = find_resume_checkpoint(args.resume, args.out_dir)
-        checkpoint = load_checkpoint(resume_from)
-        config = checkpoint["config"]
-        fixed = sorted(given - set(RESUMABLE) - {"resume", "out_dir"})
-        if fixed:
-            raise SystemExit(f"error: --{fixed[0].replace('_', '-')} can't change on --resume "
-                             f"(the run's config.json fixes it); start a new run instead")
-        config.update({k: getattr(args, k) for k in RESUMABLE if k in given})
-        run_dir = resume_from.parent.parent
-    else:
-        checkpoint = None
-        config = resolve_config(args)
-        run_dir = new_run_dir(args.out_dir, args.arch)
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    atomic_json(run_dir / "config.json", config)
+    config, checkpoint, run_dir = load_run(args, given)
+    rank, world, device = init_distributed(config["device"])
+    try:
+        return train(config, checkpoint, run_dir, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
-    device = pick_device(config["device"])
+
+def train(config: dict, checkpoint: dict | None, run_dir: str | None, rank: int, world: int,
+          device: torch.device) -> dict:
+    """The training loop. Only rank 0 writes files and draws progress bars."""
+    lead = rank == 0
+    if checkpoint is None:
+        run_dir = on_rank0(rank, lambda: str(new_run_dir(run_dir, config["arch"])))
+    run_dir = Path(run_dir)
+    config["world_size"] = world
+    if lead:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    log = tqdm.write if lead else (lambda *a, **k: None)
+
     seed_everything(config["seed"])
     raw_model = build_model(config["model"]).to(device)
     model = torch.compile(raw_model) if config["compile"] else raw_model
+    eval_model = model  # validation runs per shard, outside DDP's gradient hooks
+    if world > 1:
+        model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
+                    broadcast_buffers=False)
     optimizer = torch.optim.Adam(raw_model.parameters(), lr=config["lr"])
     # factor 0.5 and patience 4, as in the original repo
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=4)
@@ -320,21 +408,25 @@ def main(argv=None) -> dict:
             scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"])
         start_epoch, step = checkpoint["epoch"], checkpoint["step"]
-        truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
-        print(f"resuming {resume_from} at epoch {start_epoch}, step {step}")
+        if lead:
+            truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
+        log(f"resuming {run_dir} at epoch {start_epoch}, step {step}")
 
     train_set, val_set = make_datasets(config)
-    bs, workers = config["batch_size"], config["workers"]
-    loader_kw = dict(batch_size=bs, num_workers=workers, pin_memory=device.type == "cuda")
-    val_loader = DataLoader(val_set, shuffle=False, **loader_kw)
-    fo = config["frames_output"]
+    bs, fo = config["batch_size"], config["frames_output"]
+    loader_kw = dict(batch_size=bs, num_workers=config["workers"],
+                     pin_memory=device.type == "cuda")
+    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), **loader_kw)
 
-    from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
-    writer = SummaryWriter(str(run_dir), purge_step=step if checkpoint is not None else None)
-    if checkpoint is None:
-        writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
-    print(f"run {run_dir}: {config['arch']} ({count_parameters(raw_model):,} parameters) "
-          f"on {device}, batch {bs}, lr {config['lr']:g}, amp {config['amp']}")
+    writer = None
+    if lead:
+        from torch.utils.tensorboard import SummaryWriter  # slow to import: only where used
+        writer = SummaryWriter(str(run_dir), purge_step=step if checkpoint is not None else None)
+        if checkpoint is None:
+            writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
+    log(f"run {run_dir}: {config['arch']} ({count_parameters(raw_model):,} parameters) on "
+        f"{world} x {device}, batch {bs}{f' per process, {bs * world} in all' if world > 1 else ''}, "
+        f"lr {config['lr']:g}, amp {config['amp']}")
 
     def save(name: str, epoch: int) -> None:
         atomic_save({
@@ -347,74 +439,81 @@ def main(argv=None) -> dict:
     budget_s = None if config["time_budget"] is None else 60 * config["time_budget"]
     trained_s, result, log_every = 0.0, {}, max(1, config["log_every"])
     epochs = tqdm(range(start_epoch, config["epochs"]), desc="epochs", initial=start_epoch,
-                  total=config["epochs"], dynamic_ncols=True)
+                  total=config["epochs"], dynamic_ncols=True, disable=not lead)
     for epoch in epochs:
         t0 = time.time()
-        order = epoch_order(train_set, config["seed"], epoch)
-        loader = DataLoader(train_set, sampler=order, shuffle=False, drop_last=True, **loader_kw)
+        indices = epoch_indices(train_set, config, epoch, rank, world)
+        if not indices:
+            raise SystemExit(f"error: an epoch of {len(train_set)} sequences gives no full "
+                             f"batch of {bs} x {world} processes; lower --batch-size or raise "
+                             f"--epoch-size")
+        loader = DataLoader(train_set, sampler=indices, **loader_kw)
         loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
-        window_sum, window_n, steps, out_of_time = 0.0, 0, 0, False
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True)
+        logged, steps, out_of_time = torch.zeros(2, dtype=torch.float64), 0, False
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
+                   disable=not lead)
         for inputs, targets in bar:
             inputs = inputs.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             loss = train_step(model, optimizer, scaler, inputs, targets, amp_ctx, config["clip"])
             loss_sum += loss
             step, steps = step + 1, steps + 1
-            if steps % log_every == 0:
-                total = loss_sum.item()
-                window = (total - window_sum) / (steps - window_n)
+            if steps % log_every == 0 or steps == len(loader):
+                # One sync per log: the loss summed over processes, and whether any is out
+                # of time, so that every process stops at the same step.
+                late = budget_s is not None and trained_s + time.time() - t0 > budget_s
+                now = all_sum(torch.stack([loss_sum.double().cpu(), torch.tensor(float(late), dtype=torch.float64)]))
+                window = (now[0] - logged[0]).item() / (world * (steps - logged[1].item()))
                 check_finite(window, step, run_dir)
-                writer.add_scalar("train/loss", window, step)
-                bar.set_postfix(loss=f"{window:.5f}",
-                                seq_s=f"{steps * bs / (time.time() - t0):.1f}")
-                window_sum, window_n = total, steps
-            if budget_s is not None and trained_s + time.time() - t0 > budget_s:
-                out_of_time = True
-                break
+                if lead:
+                    writer.add_scalar("train/loss", window, step)
+                    bar.set_postfix(loss=f"{window:.5f}",
+                                    seq_s=f"{steps * bs * world / (time.time() - t0):.1f}")
+                logged = torch.tensor([now[0].item(), steps], dtype=torch.float64)
+                if now[1] > 0:
+                    out_of_time = True
+                    break
         bar.close()
-        if steps == 0:
-            raise SystemExit(f"error: an epoch of {len(train_set)} sequences gives no full batch "
-                             f"of {bs}; lower --batch-size or raise --epoch-size")
-        train_loss = loss_sum.item() / steps
-        check_finite(train_loss, step, run_dir)
+        train_loss = logged[0].item() / (world * logged[1].item())
         trained_s += time.time() - t0
 
-        val_loss, metrics, (v_in, v_tgt, v_pred) = validate(model, val_loader, device, amp_ctx, fo)
+        val_loss, metrics, (v_in, v_tgt, v_pred) = validate(eval_model, val_loader, device,
+                                                            amp_ctx, fo)
         check_finite(val_loss, step, run_dir, what="validation loss")
         improved = stopper.update(val_loss)
         scheduler.step(val_loss)
         lr = optimizer.param_groups[0]["lr"]
         seconds = time.time() - t0
         result = {"epoch": epoch + 1, "step": step, "train_loss": train_loss,
-                  "val_loss": val_loss, **{k: metrics[k] for k in ("mse", "mae", "ssim", "psnr")},
+                  "val_loss": val_loss, **{k: metrics[k] for k in METRICS},
                   "lr": lr, "seconds": round(seconds, 2)}
-
-        writer.add_scalar("train/epoch_loss", train_loss, step)
-        writer.add_scalar("val/loss", val_loss, step)
-        for k in ("mse", "mae", "ssim", "psnr"):
-            writer.add_scalar(f"val/{k}", metrics[k], step)
-        writer.add_scalar("lr", lr, step)
-        writer.add_image("val/input_truth_prediction", prediction_grid(v_in, v_tgt, v_pred),
-                         step, dataformats="HW" if v_in.shape[2] == 1 else "HWC")
-        writer.flush()
-        # Checkpoints first, then the metrics line: a resume drops lines past its checkpoint.
-        save("last.pt", epoch + 1)
-        if improved:
-            save("best.pt", epoch + 1)
-        append_metrics(run_dir / "metrics.jsonl", result)
-        epochs.write(f"epoch {epoch + 1}/{config['epochs']}  train {train_loss:.5f}  "
-                     f"val {val_loss:.5f}  mse {metrics['mse']:.1f}  mae {metrics['mae']:.1f}  "
-                     f"ssim {metrics['ssim']:.4f}  psnr {metrics['psnr']:.2f}  lr {lr:.2g}  "
-                     f"{seconds:.0f}s{'  *best' if improved else ''}")
+        if lead:
+            writer.add_scalar("train/epoch_loss", train_loss, step)
+            writer.add_scalar("val/loss", val_loss, step)
+            for k in METRICS:
+                writer.add_scalar(f"val/{k}", metrics[k], step)
+            writer.add_scalar("lr", lr, step)
+            writer.add_image("val/input_truth_prediction", prediction_grid(v_in, v_tgt, v_pred),
+                             step, dataformats="HW" if v_in.shape[2] == 1 else "HWC")
+            writer.flush()
+            # Checkpoints first, then the metrics line: resume drops lines past its checkpoint.
+            save("last.pt", epoch + 1)
+            if improved:
+                save("best.pt", epoch + 1)
+            append_metrics(run_dir / "metrics.jsonl", result)
+        log(f"epoch {epoch + 1}/{config['epochs']}  train {train_loss:.5f}  val {val_loss:.5f}  "
+            f"mse {metrics['mse']:.1f}  mae {metrics['mae']:.1f}  ssim {metrics['ssim']:.4f}  "
+            f"psnr {metrics['psnr']:.2f}  lr {lr:.2g}  {seconds:.0f}s"
+            f"{'  *best' if improved else ''}")
         if stopper.should_stop:
-            epochs.write(f"early stopping: no better val loss for {stopper.patience} epochs")
+            log(f"early stopping: no better val loss for {stopper.patience} epochs")
             break
         if out_of_time:
-            epochs.write(f"time budget of {config['time_budget']:g} min reached")
+            log(f"time budget of {config['time_budget']:g} min reached")
             break
     epochs.close()
-    writer.close()
+    if lead:
+        writer.close()
     return result
 
 
@@ -426,9 +525,9 @@ def check_finite(value: float, step: int, run_dir: Path, what: str = "training l
             f"Lower --lr, or use --amp none / bf16 instead of fp16, then --resume")
 
 
-def atomic_json(path: Path, obj) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
 
 

@@ -1,0 +1,114 @@
+"""torchrun with 2 CPU processes (gloo on 127.0.0.1) against one process, tiny preset."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import main
+from model import build_model
+from utils import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST_ROOT = Path(os.environ.get("MNIST_ROOT", REPO.parent / "shared" / "data" / "mnist"))
+COMMON = ["--arch", "tiny", "--device", "cpu", "--data-root", str(MNIST_ROOT), "--no-download",
+          "--workers", "0", "--epoch-size", "4", "--val-size", "4", "--log-every", "1",
+          "--frames-input", "3", "--frames-output", "3"]
+
+pytestmark = pytest.mark.filterwarnings("ignore:train-images-idx3-ubyte.gz is not in")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, nproc=2):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "--nnodes=1", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+           "main.py", *args]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def lines(run):
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    # 2 processes of batch 1 versus 1 process of batch 2: the same global batches.
+    torchrun(*COMMON, "--batch-size", "1", "--epochs", "2", "--out-dir", str(root / "two"))
+    main.main([*COMMON, "--batch-size", "2", "--epochs", "2", "--out-dir", str(root / "one")])
+    # Stopped after an epoch, then resumed.
+    torchrun(*COMMON, "--batch-size", "1", "--epochs", "1", "--out-dir", str(root / "split"))
+    torchrun("--resume", "--out-dir", str(root / "split"), "--epochs", "2")
+    return root
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(runs):
+    two = load_checkpoint(runs / "two" / "checkpoints" / "last.pt")
+    one = load_checkpoint(runs / "one" / "checkpoints" / "last.pt")
+    assert two["step"] == one["step"] == 4
+    assert two["config"]["world_size"] == 2 and two["config"]["batch_size"] == 1
+    for name, value in one["model"].items():
+        torch.testing.assert_close(two["model"][name], value, atol=1e-5, rtol=1e-4, msg=name)
+    for a, b in zip(lines(runs / "two"), lines(runs / "one")):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+
+
+def test_one_run_folder_written_by_rank_zero_only(runs):
+    run = runs / "two"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    assert [l["epoch"] for l in lines(run)] == [1, 2]
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1
+    assert len([p for p in runs.iterdir()]) == 3  # two, one, split: no stray folders
+
+
+def test_validation_metrics_equal_a_single_process_evaluation(runs):
+    ckpt = load_checkpoint(runs / "two" / "checkpoints" / "last.pt")
+    config = ckpt["config"]
+    model = build_model(config["model"])
+    model.load_state_dict(ckpt["model"])
+    _, val_set = main.make_datasets(config)
+    val_loss, metrics, _ = main.validate(model, DataLoader(val_set, batch_size=3), "cpu",
+                                         main.autocast_context(torch.device("cpu"), "none"), 3)
+    last = lines(runs / "two")[-1]
+    assert last["val_loss"] == pytest.approx(val_loss, rel=1e-5)
+    for k in ("mse", "mae", "ssim", "psnr"):
+        assert last[k] == pytest.approx(metrics[k], rel=1e-5), k
+
+
+def test_stopped_and_resumed_two_process_run_continues_exactly(runs):
+    straight, split = lines(runs / "two"), lines(runs / "split")
+    assert [l["epoch"] for l in split] == [1, 2]
+    for a, b in zip(straight, split):
+        for k in ("train_loss", "val_loss", "mse"):
+            assert a[k] == pytest.approx(b[k], abs=1e-6, rel=0), k
+
+
+def test_checkpoints_move_between_process_counts(runs, tmp_path):
+    # Written by 2 processes, resumed by 1 ...
+    shutil.copytree(runs / "split", tmp_path / "to_one")
+    ckpt = load_checkpoint(tmp_path / "to_one" / "checkpoints" / "last.pt")
+    assert ckpt["epoch"] == 2
+    result = main.main(["--resume", str(tmp_path / "to_one"), "--epochs", "3", "--workers", "0"])
+    assert result["epoch"] == 3
+    # ... and written by 1, resumed by 2.
+    shutil.copytree(runs / "one", tmp_path / "to_two")
+    torchrun("--resume", "--out-dir", str(tmp_path / "to_two"), "--epochs", "3")
+    assert [l["epoch"] for l in lines(tmp_path / "to_two")] == [1, 2, 3]
+    assert load_checkpoint(tmp_path / "to_two" / "checkpoints" / "last.pt")["config"]["world_size"] == 2
