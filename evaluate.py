@@ -127,5 +127,5 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except ValueError as e:  # not a checkpoint, a test set of the wrong shape: say so in one line
+    except (ValueError, FileNotFoundError) as e:  # not a checkpoint, a test set of the wrong shape: say so in one line
         sys.exit(f"error: {e}")

@@ -534,5 +534,5 @@ def atomic_write(path: Path, text: str) -> None:
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except ValueError as e:  # bad presets, data files, flags: the message says the fix
+    except (ValueError, FileNotFoundError) as e:  # bad presets, data files, flags: the message says the fix
         sys.exit(f"error: {e}")
