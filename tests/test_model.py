@@ -267,3 +267,16 @@ def test_bad_input_size_is_a_clear_error():
         net(torch.rand(1, 2, 1, 30, 30))
     with pytest.raises(ValueError, match=r"\(B, T, 1, H, W\)"):
         net(torch.rand(1, 2, 3, 32, 32))
+
+
+def test_readme_preset_example_builds():
+    import re
+    from pathlib import Path
+    import net_params
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    presets = {}
+    exec(code, {**vars(net_params), "PRESETS": presets})
+    (name, preset), = presets.items()
+    y = build_model(preset)(torch.rand(1, 2, 1, 64, 64), frames_output=3)
+    assert y.shape == (1, 3, 1, 64, 64)
