@@ -17,6 +17,12 @@ Splitting the textbook convolution of cat(x, h) into an input part and a state p
 (``cell.project_input``), because it does not depend on the recurrence. Only the state
 part carries a bias, so the split adds no second bias and the parameter count equals the
 cat(x, h) form.
+
+Under autocast (bf16/fp16) the convolutions, and so the gate pre-activations, run in the
+low precision from the first step on. What accumulates over time (the LSTM's memory C,
+the GRU's H) stays in the weights' dtype (fp32); the LSTM's H, which only convolutions
+read, comes out in their dtype. So a state has the same dtypes at every step.
+Channels_last frames stay channels_last through `run_cell` (see `unbind_time`).
 """
 
 from __future__ import annotations
@@ -149,7 +155,8 @@ class ConvLSTMCell(ConvRNNCell):
         self._need_shape(x_proj, state)
         if state is None:  # H = C = 0: W_h*H is just the bias and C_{t-1} drops out
             h_prev = c_prev = None
-            gates = x_proj + self.hidden_conv.bias.view(1, -1, 1, 1)
+            # in the conv's dtype, as every later step's gates (bf16 under autocast)
+            gates = x_proj + self.hidden_conv.bias.view(1, -1, 1, 1).to(x_proj.dtype)
         else:
             h_prev, c_prev = state
             gates = self.hidden_conv(h_prev)
@@ -160,10 +167,14 @@ class ConvLSTMCell(ConvRNNCell):
             i = i + self.peephole[0] * c_prev
             f = f + self.peephole[1] * c_prev
         i, g = torch.sigmoid(i), torch.tanh(g)
-        c = i * g if c_prev is None else torch.sigmoid(f) * c_prev + i * g
+        if c_prev is None:  # C accumulates over time: keep it in the weights' dtype
+            c = (i * g).to(self.hidden_conv.weight.dtype)
+        else:
+            c = torch.sigmoid(f) * c_prev + i * g
         if self.peephole is not None:
             o = o + self.peephole[2] * c  # the output gate peeks at C_t, not C_{t-1}
-        h = torch.sigmoid(o) * torch.tanh(c)
+        # Only convolutions read H: hand it over in their dtype, not a copy per reader.
+        h = (torch.sigmoid(o) * torch.tanh(c)).to(gates.dtype)
         return h, (h, c)
 
 
@@ -200,8 +211,9 @@ class ConvGRUCell(ConvRNNCell):
         if x_proj is not None:
             x_gates, x_cand = x_proj[:, :2 * C], x_proj[:, 2 * C:]
         if state is None:  # H = 0: both state convolutions reduce to their biases
-            gates = x_gates + self.gate_conv.bias.view(1, -1, 1, 1)
-            cand = x_cand + self.candidate_conv.bias.view(1, -1, 1, 1)
+            # in the conv's dtype, as every later step's pre-activations (bf16 under autocast)
+            gates = x_gates + self.gate_conv.bias.view(1, -1, 1, 1).to(x_gates.dtype)
+            cand = x_cand + self.candidate_conv.bias.view(1, -1, 1, 1).to(x_cand.dtype)
         else:
             gates = self.gate_conv(state)
             if x_gates is not None:
@@ -212,7 +224,10 @@ class ConvGRUCell(ConvRNNCell):
             if x_cand is not None:
                 cand = cand + x_cand
         n = torch.tanh(self.candidate_norm(cand))
-        h = (1 - z) * n if state is None else (1 - z) * n + z * state
+        if state is None:  # H accumulates over time: keep it in the weights' dtype
+            h = ((1 - z) * n).to(self.gate_conv.weight.dtype)
+        else:
+            h = (1 - z) * n + z * state
         return h, h
 
 
@@ -355,6 +370,36 @@ CELLS: dict[str, type[ConvRNNCell]] = {
 }
 
 
+def _channels_last(frame: torch.Tensor) -> bool:
+    """Is (B, C, H, W) laid out channels-last (C innermost)? With C == 1 both layouts agree."""
+    return frame.shape[1] > 1 and frame.stride(1) == 1 and frame.shape[-1] * frame.shape[-2] > 1
+
+
+def unbind_time(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(B, T, C, H, W) -> T views (B, C, H, W), keeping a channels_last layout in backward too.
+
+    A plain ``unbind(1)`` makes autograd stack the T gradients back in the default layout,
+    one full layout-converting copy per sequence; unbinding the (B, T, H, W, C) view instead
+    keeps every gradient channels_last.
+    """
+    if _channels_last(x[:, 0]):
+        frames = x.permute(0, 1, 3, 4, 2).unbind(1)          # T x (B, H, W, C)
+        return tuple(f.permute(0, 3, 1, 2) for f in frames)  # T x (B, C, H, W)
+    return x.unbind(1)
+
+
+def stack_time(frames: list[torch.Tensor]) -> torch.Tensor:
+    """T x (B, C, H, W) -> (B, T, C, H, W), channels_last frames staying channels_last.
+
+    torch.stack would write channels_last frames out in the default layout, and the next
+    per-frame convolution would convert them back.
+    """
+    if _channels_last(frames[0]):
+        x = torch.stack([f.permute(0, 2, 3, 1) for f in frames], dim=1)  # (B, T, H, W, C)
+        return x.permute(0, 1, 4, 2, 3)                                  # (B, T, C, H, W)
+    return torch.stack(frames, dim=1)
+
+
 def run_cell(cell: ConvRNNCell, inputs: torch.Tensor | None = None,
              state: State | None = None, steps: int | None = None):
     """Run ``cell`` over time. Batch-major, like the model: time is dim 1.
@@ -377,12 +422,12 @@ def run_cell(cell: ConvRNNCell, inputs: torch.Tensor | None = None,
         if steps is not None and steps != T:
             raise ValueError(f"steps={steps} but inputs hold T={T} frames")
         projected = cell.project_input(inputs.flatten(0, 1))  # (B*T, G, H, W)
-        projections = projected.unflatten(0, (B, T)).unbind(1)  # T x (B, G, H, W)
+        projections = unbind_time(projected.unflatten(0, (B, T)))  # T x (B, G, H, W)
     outputs = []
     for x_proj in projections:
         out, state = cell.step(x_proj, state)
         outputs.append(out)
-    return torch.stack(outputs, dim=1), state  # (B, T, C_hid, H, W)
+    return stack_time(outputs), state  # (B, T, C_hid, H, W)
 
 
 def make_cell(name: str, input_channels: int, hidden_channels: int, kernel_size: int,
