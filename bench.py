@@ -40,6 +40,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import platform
 import resource
 import statistics
@@ -56,7 +57,7 @@ from main import autocast_context, train_step
 from model import build_model
 from net_params import get_preset
 from reference import REFERENCE_CELLS, build_reference
-from utils import pick_device
+from utils import keep_freed_memory, pick_device
 
 
 def parse_args(argv=None):
@@ -98,6 +99,10 @@ def parse_args(argv=None):
                         "same start on Moving MNIST and compare the losses (default: off)")
     p.add_argument("--data-root", default=None, metavar="DIR",
                    help="MNIST files for --loss-check (default: none, random block shapes)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="compare DDP throughput of 1 and N processes on this machine "
+                        "(torchrun, --batch-size per process; default: off)")
+    p.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.frames_input < 1 or args.frames_output < 1:
         p.error("--batch-size, --frames-input and --frames-output must be >= 1")
@@ -125,22 +130,6 @@ def _rss_kb(field: str) -> int | None:
     except OSError:
         pass
     return None
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse instead of unmapping it (Linux, CPU runs).
-
-    By default every tensor over 32 MB is a fresh mmap, returned to the OS when freed, so
-    each training step page-faults its big activations in again: about 2 GB of faults a
-    step for convlstm, 4-8% of the step. M_MMAP_MAX = 0 serves all sizes from the heap
-    and a high M_TRIM_THRESHOLD keeps the freed heap, so steps after the first reuse warm
-    pages. Returns False where this is not glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-4, 0)) and bool(libc.mallopt(-1, 2**31 - 1))  # M_MMAP_MAX, M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        return False
 
 
 def release_memory() -> None:
@@ -248,6 +237,91 @@ def bench_model(model, device, amp: str, inputs, targets, warmup: int, repeats: 
     median = statistics.median(times)
     return {"step_s": median, "all_step_s": times, "first_step_s": first,
             "exact_peak": exact_peak}
+
+
+# -----------------------------------------------------------------------------
+# several processes: DistributedDataParallel throughput
+
+def ddp_worker(args) -> None:
+    """One torchrun process: time DDP training steps; rank 0 writes the JSON row."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    amp = args.amp.split(",")[0]
+    torch.manual_seed(args.seed)
+    model = build_model(args.arch.split(",")[0]).to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None)
+    size = args.image_size or model.preset.image_size
+    g = torch.Generator().manual_seed(args.seed + rank)
+    inputs = torch.rand(args.batch_size, args.frames_input, 1, size, size, generator=g).to(device)
+    targets = torch.rand(args.batch_size, args.frames_output, 1, size, size, generator=g).to(device)
+    result = bench_model(ddp, device, amp, inputs, targets, args.warmup, args.repeats, lr=1e-4)
+    step_s = torch.tensor([result["step_s"]], dtype=torch.float64)
+    dist.all_reduce(step_s, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
+    if rank == 0 and args.json:
+        with open(args.json, "w") as f:
+            json.dump({"processes": world, "threads_per_process": torch.get_num_threads(),
+                       "batch_per_process": args.batch_size,
+                       "global_batch": args.batch_size * world,
+                       "step_ms": 1000 * step_s.item(),
+                       "seq_per_s": args.batch_size * world / step_s.item()}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def worker_flags(args) -> list[str]:
+    """The settings a --ddp-worker process needs, as flags."""
+    flags = ["--arch", args.arch, "--amp", args.amp, "--device", args.device,
+             "--batch-size", str(args.batch_size), "--frames-input", str(args.frames_input),
+             "--frames-output", str(args.frames_output), "--warmup", str(args.warmup),
+             "--repeats", str(args.repeats), "--seed", str(args.seed)]
+    if args.image_size:
+        flags += ["--image-size", str(args.image_size)]
+    if args.channels_last:
+        flags.append("--channels-last")
+    return flags
+
+
+def ddp_scaling(args) -> list[dict]:
+    """Throughput of 1 process versus args.nproc processes, each launched by torchrun."""
+    import socket
+    import subprocess
+    import tempfile
+
+    rows = []
+    cores = os.cpu_count() or 1
+    for n in sorted({1, args.nproc}):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = dict(os.environ)
+        if pick_device(args.device).type == "cpu":  # share the cores, don't oversubscribe
+            env["OMP_NUM_THREADS"] = str(max(1, (args.threads or cores) // n))
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "row.json")
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}",
+                   "--nnodes=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+                   __file__, "--ddp-worker", "--json", out, *worker_flags(args)]
+            subprocess.run(cmd, env=env, check=True)
+            with open(out) as f:
+                rows.append(json.load(f))
+    base = rows[0]["seq_per_s"]
+    print(f"{args.arch}, amp {args.amp}, batch {args.batch_size} per process, "
+          f"{args.frames_input}->{args.frames_output} frames, DDP on {pick_device(args.device)}")
+    print("processes  threads each  global batch  step ms   seq/s  vs 1 process")
+    for r in rows:
+        r["speedup_vs_1"] = r["seq_per_s"] / base
+        print(f"{r['processes']:>9}  {r['threads_per_process']:>12}  {r['global_batch']:>12}  "
+              f"{r['step_ms']:>7.0f}  {r['seq_per_s']:>6.2f}  {r['speedup_vs_1']:>11.2f}x")
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -452,6 +526,8 @@ def run_loss_checks(args, archs: list[str], amps: list[str], device) -> list[dic
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.ddp_worker:
+        return ddp_worker(args)
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     amps = [a.strip() for a in args.amp.split(",") if a.strip()]
     try:  # a bad --device, --amp or --arch stops here with its one-line reason
@@ -467,6 +543,13 @@ def main(argv=None) -> list[dict]:
     malloc_tuned = device.type == "cpu" and not args.default_malloc and keep_freed_memory()
     if args.loss_check:
         return run_loss_checks(args, archs, amps, device)
+    if args.nproc:
+        rows = ddp_scaling(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"ddp": rows}, f, indent=2)
+                f.write("\n")
+        return rows
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"batch {args.batch_size}, {args.frames_input}->{args.frames_output} frames, "
           f"compile {args.compile}, channels_last {args.channels_last}, "

@@ -2,6 +2,7 @@
 and the benchmark runs end to end. No timing is asserted: these must pass on any machine."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +147,22 @@ def test_bench_several_rows_and_no_reference(tmp_path):
     runs = json.loads(out.read_text())["runs"]
     assert [r["amp"] for r in runs] == ["none", "bf16"]
     assert all(r["speedup"] is None for r in runs)
+
+
+def test_bench_compares_one_and_two_ddp_processes(tmp_path):
+    out = tmp_path / "ddp.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["GLOO_SOCKET_IFNAME"] = "lo"
+    cmd = [sys.executable, "bench.py", "--arch", "tiny", "--nproc", "2", "--batch-size", "2",
+           "--frames-input", "2", "--frames-output", "2", "--image-size", "16",
+           "--device", "cpu", "--repeats", "1", "--warmup", "1", "--json", str(out)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["ddp"]
+    assert [r["processes"] for r in rows] == [1, 2]
+    assert [r["global_batch"] for r in rows] == [2, 4]  # --batch-size is per process
+    assert all(r["seq_per_s"] > 0 for r in rows) and rows[0]["speedup_vs_1"] == 1
+    assert "vs 1 process" in result.stdout
 
 
 @pytest.mark.parametrize("name", ["convlstm", "convgru"])

@@ -135,8 +135,11 @@ def test_other_cells_train_through_main(tmp_path, arch, monkeypatch):
                         "--dry-run", "--batch-size", "1", "--frames-input", "2",
                         "--frames-output", "2"])
     assert math.isfinite(result["train_loss"]) and result["epoch"] == 1
-    config = load_checkpoint(tmp_path / arch / "checkpoints" / "last.pt")["config"]
-    assert config["model"]["cell"] == arch
+    checkpoint = tmp_path / arch / "checkpoints" / "last.pt"
+    assert load_checkpoint(checkpoint)["config"]["model"]["cell"] == arch
+    report = evaluate.main(["--checkpoint", str(checkpoint), "--data-root", str(MNIST_ROOT),
+                            "--num", "2", "--device", "cpu", "--json", str(tmp_path / "s.json")])
+    assert report["sequences"] == 2 and math.isfinite(report["model"]["mse"])
 
 
 @pytest.fixture(scope="module")
