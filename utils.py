@@ -399,13 +399,18 @@ def pick_device(name="auto"):
 
 
 def rng_state():
-    """Torch's RNG states as a dict of tensors, safe for torch.load(weights_only=True).
+    """The global RNG states as a dict of tensors and numbers, safe for torch.load(weights_only=True).
 
-    {"torch": CPU generator state (ByteTensor), "cuda": list of per-GPU states, [] without CUDA}.
-    The project draws all randomness from torch, so numpy and `random` are not captured.
+    {"torch": CPU generator state (ByteTensor), "cuda": list of per-GPU states ([] without
+    CUDA), "numpy": numpy's global MT19937 state}. The project's own randomness comes from
+    torch and from explicitly seeded generators; numpy's global state is kept so that code
+    a researcher adds that draws from np.random resumes exactly too.
     """
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"torch": torch.get_rng_state(), "cuda": list(cuda)}
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+    return {"torch": torch.get_rng_state(), "cuda": list(cuda), "numpy": numpy_state}
 
 
 def set_rng_state(state):
@@ -415,11 +420,16 @@ def set_rng_state(state):
     if torch.cuda.is_available():
         for index, cuda_state in enumerate(state.get("cuda", [])[:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state.to("cpu", torch.uint8), index)
+    if "numpy" in state:
+        s = state["numpy"]
+        np.random.set_state(("MT19937", s["keys"].cpu().numpy().astype(np.uint32), s["pos"],
+                             s["has_gauss"], s["cached_gaussian"]))
 
 
 def seed_everything(seed):
-    """Seed torch's CPU and CUDA generators (torch.manual_seed covers both)."""
+    """Seed torch's CPU and CUDA generators (torch.manual_seed covers both) and numpy's."""
     torch.manual_seed(seed)
+    np.random.seed(seed)
 
 
 # ---------------------------------------------------------------------------------------

@@ -264,11 +264,13 @@ def test_rng_state_survives_save_and_load():
     utils.seed_everything(123)
     buffer = io.BytesIO()
     torch.save({"rng": utils.rng_state()}, buffer)
-    expected = torch.rand(5)
-    torch.rand(100)  # move the generator on
+    expected, expected_np = torch.rand(5), np.random.standard_normal(5)
+    torch.rand(100)  # move the generators on
+    np.random.standard_normal(101)
     buffer.seek(0)
     utils.set_rng_state(torch.load(buffer, weights_only=True)["rng"])
     assert torch.equal(torch.rand(5), expected)
+    assert np.array_equal(np.random.standard_normal(5), expected_np)
 
 
 def test_seed_everything_is_reproducible():
