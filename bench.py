@@ -273,6 +273,8 @@ def ddp_worker(args) -> None:
                        "global_batch": args.batch_size * world,
                        "step_ms": 1000 * step_s.item(),
                        "seq_per_s": args.batch_size * world / step_s.item()}, f)
+    del ddp, result
+    gc.collect()  # free DDP (it sits in reference cycles) while its process group lives
     dist.barrier()
     dist.destroy_process_group()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -368,6 +369,10 @@ def main(argv=None) -> dict:
         return train(config, checkpoint, run_dir, rank, world, device)
     finally:
         if dist.is_initialized():
+            # The DDP wrapper sits in reference cycles (the training loop's closures); free
+            # it while its process group lives, or its threads die at interpreter exit
+            # ("terminate called without an active exception").
+            gc.collect()
             dist.barrier()  # no process leaves while another still talks to it
             dist.destroy_process_group()
 

@@ -16,6 +16,7 @@ from ConvRNN import ConvGRUCell, ConvLSTMCell, run_cell, stack_time, unbind_time
 from model import build_model, count_parameters
 from net_params import Conv, Preset, Stage, get_preset
 from reference import build_reference, load_fast_weights
+from helpers import randomize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,13 +26,6 @@ JSON_KEYS = {
     "arch", "batch_size", "amp", "compile", "device", "torch", "threads",
 }
 
-
-def randomize(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
-    return module
 
 
 def small_original(cell: str, **options) -> Preset:

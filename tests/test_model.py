@@ -9,15 +9,8 @@ import torch.nn.functional as F
 from ConvRNN import ConvGRUCell, ConvLSTMCell, group_norm, run_cell
 from model import build_model, count_parameters
 from net_params import PRESETS, Conv, Preset, Stage, get_preset
+from helpers import randomize
 
-
-def randomize(module, seed=0):
-    """Non-trivial values everywhere, peephole weights and norm affines included."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
-    return module
 
 
 def lstm_reference(cell, x, h, c):

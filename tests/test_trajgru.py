@@ -7,15 +7,8 @@ import torch.nn.functional as F
 from ConvRNN import TrajGRUCell, run_cell
 from model import build_model, count_parameters
 from net_params import get_preset
+from helpers import randomize
 
-
-def randomize(module, seed=0, std=0.3):
-    """Non-trivial values everywhere, the zero-initialised flow convolution included."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return module
 
 
 def reference_warp(h, u, v):
