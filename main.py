@@ -381,13 +381,6 @@ def train(config: dict, checkpoint: dict | None, run_dir: str | None, rank: int,
           device: torch.device) -> dict:
     """The training loop. Only rank 0 writes files and draws progress bars."""
     lead = rank == 0
-    if checkpoint is None:
-        run_dir = on_rank0(rank, lambda: str(new_run_dir(run_dir, config["arch"])))
-    run_dir = Path(run_dir)
-    config["world_size"] = world
-    if lead:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
     log = tqdm.write if lead else (lambda *a, **k: None)
 
     seed_everything(config["seed"])
@@ -418,15 +411,24 @@ def train(config: dict, checkpoint: dict | None, run_dir: str | None, rank: int,
             scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"])
         start_epoch, step = checkpoint["epoch"], checkpoint["step"]
-        if lead:
-            truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
-        log(f"resuming {run_dir} at epoch {start_epoch}, step {step}")
 
     if world > 1 and not lead:
         dist.barrier()  # rank 0 downloads missing data first, alone
     train_set, val_set = make_datasets(config)
     if world > 1 and lead:
         dist.barrier()
+    # The folder comes last, so a bad preset or missing data leaves no empty run behind.
+    if checkpoint is None:
+        run_dir = on_rank0(rank, lambda: str(new_run_dir(run_dir, config["arch"])))
+    run_dir = Path(run_dir)
+    config["world_size"] = world
+    if lead:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    if checkpoint is not None:
+        if lead:
+            truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
+        log(f"resuming {run_dir} at epoch {start_epoch}, step {step}")
     bs, fo = config["batch_size"], config["frames_output"]
     loader_kw = dict(batch_size=bs, num_workers=config["workers"],
                      pin_memory=device.type == "cuda")

@@ -186,3 +186,10 @@ def test_evaluate_rejects_bad_inputs_clearly(trained_run, tmp_path):
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match=r"notes\.pt is not a checkpoint"):
         evaluate.main(["--checkpoint", str(tmp_path / "notes.pt"), "--device", "cpu"])
+
+
+def test_a_failed_start_leaves_no_run_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no MNIST digits"):
+        main.main(["--arch", "tiny", "--device", "cpu", "--data-root", str(tmp_path / "empty"),
+                   "--no-download", "--out-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
