@@ -42,7 +42,7 @@ def maybe_group_norm(norm, t):
 
 def trajgru_reference(cell, x, h):
     """Shi et al. 2017 TrajGRU, one step, transcribed link by link. x may be None."""
-    C, L, pad = cell.hidden_channels, cell.links, cell.kernel_size // 2
+    L, pad = cell.links, cell.kernel_size // 2
     f = F.conv2d(h, cell.flow_hidden_conv.weight, cell.flow_hidden_conv.bias, padding=pad)
     if x is not None:
         f = f + F.conv2d(x, cell.flow_input_conv.weight, padding=pad)
