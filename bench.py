@@ -57,7 +57,7 @@ from main import autocast_context, train_step
 from model import build_model
 from net_params import get_preset
 from reference import REFERENCE_CELLS, build_reference
-from utils import keep_freed_memory, pick_device
+from utils import keep_freed_memory, pick_device, synchronize
 
 
 def parse_args(argv=None):
@@ -113,13 +113,6 @@ def parse_args(argv=None):
 
 # -----------------------------------------------------------------------------
 # measuring
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
 
 def _rss_kb(field: str) -> int | None:
     try:

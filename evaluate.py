@@ -25,7 +25,7 @@ from data.mm import SequenceArrayDataset, load_sequences, load_test_set, make_te
 from main import autocast_context
 from model import build_model
 from utils import (MetricAccumulator, copy_last_frame, format_metrics_table, load_checkpoint,
-                   pick_device, save_prediction_figure, save_prediction_gif)
+                   pick_device, save_prediction_figure, save_prediction_gif, synchronize)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,8 +78,7 @@ def evaluate(model, loader, device, amp_ctx, frames_output: int):
         t0 = time.perf_counter()
         with amp_ctx:
             pred = model(inputs, frames_output=frames_output).float()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         model_seconds += time.perf_counter() - t0
         n += len(inputs)
         scores["model"].update(pred, targets)
