@@ -23,6 +23,10 @@ low precision from the first step on. What accumulates over time (the LSTM's mem
 the GRU's H) stays in the weights' dtype (fp32); the LSTM's H, which only convolutions
 read, comes out in their dtype. So a state has the same dtypes at every step.
 Channels_last frames stay channels_last through `run_cell` (see `unbind_time`).
+
+The cells' k x k convolutions are `winograd.CellConv2d`: an nn.Conv2d (same parameters and
+state_dict) that `winograd.set_conv_algorithm` can switch to Winograd F(4x4, k x k), the
+faster fp32 algorithm on the CPU.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from winograd import CellConv2d
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -85,8 +91,7 @@ class ConvRNNCell(nn.Module):
         self.kernel_size = kernel_size
         # No bias here: the state convolution owns the one bias of cat(x, h) * W + b.
         self.input_conv = (
-            nn.Conv2d(input_channels, projection_channels, input_kernel_size,
-                      padding=input_kernel_size // 2, bias=False)
+            CellConv2d(input_channels, projection_channels, input_kernel_size, bias=False)
             if input_channels > 0 else None
         )
 
@@ -145,8 +150,7 @@ class ConvLSTMCell(ConvRNNCell):
     def __init__(self, input_channels: int, hidden_channels: int, kernel_size: int, *,
                  peephole: bool = False, norm: str | None = None):
         super().__init__(input_channels, hidden_channels, kernel_size, 4 * hidden_channels)
-        self.hidden_conv = nn.Conv2d(hidden_channels, 4 * hidden_channels, kernel_size,
-                                     padding=kernel_size // 2)
+        self.hidden_conv = CellConv2d(hidden_channels, 4 * hidden_channels, kernel_size)
         self.norm = _norm(norm, 4 * hidden_channels)
         self.peephole = (nn.Parameter(torch.zeros(3, hidden_channels, 1, 1))
                          if peephole else None)
@@ -198,9 +202,8 @@ class ConvGRUCell(ConvRNNCell):
                  norm: str | None = None):
         # The input projection holds (z, r | n): 3 * C_hid channels in one convolution.
         super().__init__(input_channels, hidden_channels, kernel_size, 3 * hidden_channels)
-        pad = kernel_size // 2
-        self.gate_conv = nn.Conv2d(hidden_channels, 2 * hidden_channels, kernel_size, padding=pad)
-        self.candidate_conv = nn.Conv2d(hidden_channels, hidden_channels, kernel_size, padding=pad)
+        self.gate_conv = CellConv2d(hidden_channels, 2 * hidden_channels, kernel_size)
+        self.candidate_conv = CellConv2d(hidden_channels, hidden_channels, kernel_size)
         self.gate_norm = _norm(norm, 2 * hidden_channels)
         self.candidate_norm = _norm(norm, hidden_channels)
 
@@ -279,13 +282,12 @@ class TrajGRUCell(ConvRNNCell):
         super().__init__(input_channels, hidden_channels, kernel_size, 3 * hidden_channels,
                          input_kernel_size=input_kernel_size)
         self.links = links
-        pad = kernel_size // 2
         self.flow_input_conv = (
-            nn.Conv2d(input_channels, flow_channels, kernel_size, padding=pad, bias=False)
+            CellConv2d(input_channels, flow_channels, kernel_size, bias=False)
             if input_channels > 0 else None
         )
-        self.flow_hidden_conv = nn.Conv2d(hidden_channels, flow_channels, kernel_size, padding=pad)
-        self.flow_out_conv = nn.Conv2d(flow_channels, 2 * links, kernel_size, padding=pad)
+        self.flow_hidden_conv = CellConv2d(hidden_channels, flow_channels, kernel_size)
+        self.flow_out_conv = CellConv2d(flow_channels, 2 * links, kernel_size)
         nn.init.zeros_(self.flow_out_conv.weight)
         nn.init.zeros_(self.flow_out_conv.bias)
         self.hidden_conv = nn.Conv2d(links * hidden_channels, 3 * hidden_channels, 1)

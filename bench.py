@@ -58,6 +58,7 @@ from model import build_model
 from net_params import get_preset
 from reference import REFERENCE_CELLS, build_reference
 from utils import keep_freed_memory, pick_device, synchronize
+from winograd import resolve_conv_algorithm, set_conv_algorithm
 
 
 def parse_args(argv=None):
@@ -76,6 +77,9 @@ def parse_args(argv=None):
                    help="autocast precision, comma-separated for one row each; fp16 needs "
                         "CUDA (default: none)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
+    p.add_argument("--conv", default="auto", metavar="auto|direct|winograd",
+                   help="cell convolution algorithm, comma-separated for one row each; auto = "
+                        "winograd for fp32 on the CPU, else direct (default: auto)")
     p.add_argument("--channels-last", action="store_true",
                    help="model in channels_last memory format; the activations follow "
                         "(default: off)")
@@ -178,6 +182,11 @@ def time_steps(step, device, warmup: int, repeats: int) -> tuple[list[float], fl
     return times, first
 
 
+def with_conv(model, conv: str):
+    set_conv_algorithm(model, conv)
+    return model
+
+
 def count_step_flops(make_model, batch: int, frames_input: int, frames_output: int,
                      channels: int, size: int) -> int:
     """FLOPs of the forward and backward of one training step, counted on the meta device."""
@@ -249,6 +258,7 @@ def ddp_worker(args) -> None:
     amp = args.amp.split(",")[0]
     torch.manual_seed(args.seed)
     model = build_model(args.arch.split(",")[0]).to(device)
+    set_conv_algorithm(model, resolve_conv_algorithm(args.conv.split(",")[0], device, amp))
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None)
@@ -274,7 +284,7 @@ def ddp_worker(args) -> None:
 
 def worker_flags(args) -> list[str]:
     """The settings a --ddp-worker process needs, as flags."""
-    flags = ["--arch", args.arch, "--amp", args.amp, "--device", args.device,
+    flags = ["--arch", args.arch, "--amp", args.amp, "--conv", args.conv, "--device", args.device,
              "--batch-size", str(args.batch_size), "--frames-input", str(args.frames_input),
              "--frames-output", str(args.frames_output), "--warmup", str(args.warmup),
              "--repeats", str(args.repeats), "--seed", str(args.seed)]
@@ -356,6 +366,7 @@ def amp_loss_check(arch: str, amp: str, steps: int, batch: int, frames_input: in
     for name, precision in (("fp32", "none"), (amp, amp)):
         torch.manual_seed(seed)
         model = build_model(preset).to(device)
+        set_conv_algorithm(model, resolve_conv_algorithm("auto", device, precision))
         optimizer = torch.optim.Adam(model.parameters(), lr=preset.lr)
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         losses = []
@@ -403,7 +414,7 @@ def processor_name(device) -> str:
     return platform.processor() or platform.machine()
 
 
-def run_row(args, arch: str, amp: str, device, reference_cache: dict) -> dict:
+def run_row(args, arch: str, amp: str, conv: str, device, reference_cache: dict) -> dict:
     preset = get_preset(arch)
     size = args.image_size or preset.image_size
     B, T_in, T_out = args.batch_size, args.frames_input, args.frames_output
@@ -416,6 +427,7 @@ def run_row(args, arch: str, amp: str, device, reference_cache: dict) -> dict:
     baseline_kb = _rss_kb("VmRSS") or 0
     torch.manual_seed(args.seed)
     model = build_model(preset).to(device, memory_format=fmt)
+    set_conv_algorithm(model, conv)
     in_ch, out_ch, kernel = dominant_conv(model)
     bottom_size = size // preset.stages[0].down.stride
     runnable = torch.compile(model) if args.compile else model
@@ -424,8 +436,12 @@ def run_row(args, arch: str, amp: str, device, reference_cache: dict) -> dict:
     peak_mb = peak_memory_mb(device, baseline_kb)
     del runnable, model
 
+    # The model's convolution work as a direct convolution computes it: the same for every
+    # algorithm, so GFLOP/s compare like seq/s do. What Winograd executes is reported apart.
     flops = count_step_flops(lambda: build_model(preset), B, T_in, T_out,
                              preset.frame_channels, size)
+    executed = count_step_flops(lambda: with_conv(build_model(preset), conv), B, T_in, T_out,
+                                preset.frame_channels, size)
     roofline = roofline_gflops(device, amp, args.channels_last, B * T_in, in_ch, out_ch, kernel,
                                bottom_size, repeats=max(2, min(args.repeats, 5)))
 
@@ -449,7 +465,7 @@ def run_row(args, arch: str, amp: str, device, reference_cache: dict) -> dict:
     achieved = flops / step_s / 1e9
     row = {
         "arch": arch, "batch_size": B, "frames_input": T_in, "frames_output": T_out,
-        "image_size": size, "amp": amp, "compile": args.compile,
+        "image_size": size, "amp": amp, "conv": conv, "compile": args.compile,
         "channels_last": args.channels_last, "device": str(device),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "processor": processor_name(device),
@@ -460,6 +476,7 @@ def run_row(args, arch: str, amp: str, device, reference_cache: dict) -> dict:
         "peak_mem_mb": peak_mb,
         "peak_mem_exact": fast["exact_peak"],
         "gflop_per_step": flops / 1e9,
+        "executed_gflop_per_step": executed / 1e9,
         "achieved_gflops": achieved,
         "roofline_gflops": roofline,
         "roofline_conv": f"conv{kernel}x{kernel} {in_ch}->{out_ch} at "
@@ -480,7 +497,8 @@ def run_row(args, arch: str, amp: str, device, reference_cache: dict) -> dict:
 # report
 
 COLUMNS = [  # (header, key, format)
-    ("arch", "arch", "{}"), ("amp", "amp", "{}"), ("seq/s", "seq_per_s", "{:.3f}"),
+    ("arch", "arch", "{}"), ("amp", "amp", "{}"), ("conv", "conv", "{}"),
+    ("seq/s", "seq_per_s", "{:.3f}"),
     ("step ms", "step_ms", "{:.0f}"), ("GFLOP/step", "gflop_per_step", "{:.4g}"),
     ("GFLOP/s", "achieved_gflops", "{:.1f}"), ("roofline", "roofline_gflops", "{:.1f}"),
     ("util", "utilization", "{:.2f}"), ("peak MB", "peak_mem_mb", "{:.0f}"),
@@ -525,10 +543,13 @@ def main(argv=None) -> list[dict]:
         return ddp_worker(args)
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     amps = [a.strip() for a in args.amp.split(",") if a.strip()]
-    try:  # a bad --device, --amp or --arch stops here with its one-line reason
+    convs = [c.strip() for c in args.conv.split(",") if c.strip()]
+    try:  # a bad --device, --amp, --conv or --arch stops here with its one-line reason
         device = pick_device(args.device)
         for amp in amps:
             autocast_context(device, amp)
+        settings = [(amp, resolve_conv_algorithm(conv, device, amp))
+                    for amp in amps for conv in convs]
         for arch in archs:
             get_preset(arch)
     except ValueError as err:
@@ -552,10 +573,10 @@ def main(argv=None) -> list[dict]:
           f"median of {args.repeats} after {args.warmup} warm-up", flush=True)
     rows, reference_cache = [], {}
     for arch in archs:
-        for amp in amps:
-            rows.append(run_row(args, arch, amp, device, reference_cache))
+        for amp, conv in dict.fromkeys(settings):  # each resolved pair once, in order
+            rows.append(run_row(args, arch, amp, conv, device, reference_cache))
             rows[-1]["malloc_keeps_freed"] = malloc_tuned
-            print(f"  {arch} {amp}: {rows[-1]['step_ms']:.0f} ms/step", flush=True)
+            print(f"  {arch} {amp} {conv}: {rows[-1]['step_ms']:.0f} ms/step", flush=True)
     print(format_table(rows))
     for row in rows:
         if "compile_s" in row:

@@ -26,6 +26,7 @@ from main import autocast_context
 from model import build_model
 from utils import (MetricAccumulator, copy_last_frame, format_metrics_table, load_checkpoint,
                    pick_device, save_prediction_figure, save_prediction_gif, synchronize)
+from winograd import ALGORITHMS, resolve_conv_algorithm, set_conv_algorithm
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, metavar="B", help="(default: 32)")
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
                    help="autocast precision (default: none)")
+    p.add_argument("--conv", default="auto", choices=ALGORITHMS,
+                   help="cell convolution algorithm, as main.py's (default: auto: winograd "
+                        "for fp32 on the CPU, else direct)")
     return p.parse_args(argv)
 
 
@@ -96,6 +100,8 @@ def main(argv=None) -> dict:
     model = build_model(config["model"]).to(device)
     model.load_state_dict(checkpoint["model"])
     model.eval()
+    conv = resolve_conv_algorithm(args.conv, device, args.amp)
+    set_conv_algorithm(model, conv)
 
     fi, fo = config["frames_input"], config["frames_output"]
     sequences = test_sequences(args, config)
@@ -106,7 +112,7 @@ def main(argv=None) -> dict:
     report = {**results, "sequences": len(dataset), "seq_per_s": seq_per_s,
               "checkpoint": str(args.checkpoint), "epoch": checkpoint.get("epoch"),
               "test_set": args.test_set or f"made: {args.num} held-out sequences, seed {args.seed}",
-              "frames_input": fi, "frames_output": fo}
+              "frames_input": fi, "frames_output": fo, "conv": conv}
 
     print(format_metrics_table(results))
     print(f"{len(dataset)} sequences, {seq_per_s:.1f} seq/s on {device}")

@@ -34,11 +34,13 @@ from model import build_model, count_parameters
 from net_params import get_preset
 from utils import (MetricAccumulator, atomic_save, keep_freed_memory, load_checkpoint,
                    pick_device, prediction_grid, rng_state, seed_everything, set_rng_state)
+from winograd import ALGORITHMS, resolve_conv_algorithm, set_conv_algorithm
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 METRICS = ("mse", "mae", "ssim", "psnr")
 # Flags that may change when a run is resumed; everything else comes from its config.json.
-RESUMABLE = ("epochs", "time_budget", "device", "workers", "compile", "log_every", "patience")
+RESUMABLE = ("epochs", "time_budget", "device", "workers", "compile", "conv", "log_every",
+             "patience")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -82,6 +84,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
                    help="autocast precision; fp16 on CUDA only (default: none)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
+    p.add_argument("--conv", default="auto", choices=ALGORITHMS,
+                   help="the cells' convolution algorithm: winograd (F(4x4, k x k), fewer "
+                        "multiplies) or direct; auto = winograd for fp32 on the CPU, direct "
+                        "elsewhere (default: auto)")
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="end training after this many minutes, then validate and "
                         "checkpoint (default: none)")
@@ -390,6 +396,9 @@ def train(config: dict, checkpoint: dict | None, run_dir: str | None, rank: int,
         # end, and keeping freed memory saves re-faulting the activations every step (4-8%).
         raw_model.to(memory_format=torch.channels_last)
         keep_freed_memory()
+    conv = resolve_conv_algorithm(config.get("conv", "auto"), device, config["amp"])
+    set_conv_algorithm(raw_model, conv)
+    log(f"cell convolutions: {conv}")
     model = torch.compile(raw_model) if config["compile"] else raw_model
     eval_model = model  # validation runs per shard, outside DDP's gradient hooks
     if world > 1:

@@ -24,6 +24,7 @@ JSON_KEYS = {
     "seq_per_s", "step_ms", "peak_mem_mb", "gflop_per_step", "achieved_gflops",
     "roofline_gflops", "utilization", "reference_seq_per_s", "speedup",
     "arch", "batch_size", "amp", "compile", "device", "torch", "threads",
+    "conv", "executed_gflop_per_step",
 }
 
 
@@ -143,6 +144,23 @@ def test_bench_several_rows_and_no_reference(tmp_path):
     assert all(r["speedup"] is None for r in runs)
 
 
+def test_bench_rows_per_conv_algorithm(tmp_path):
+    """Winograd runs fewer multiplies for the same model work: the same gflop_per_step,
+    a smaller executed count; direct executes exactly the model's count."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "bench.py", "--arch", "tiny", "--conv", "direct,winograd",
+           "--batch-size", "1", "--frames-input", "2", "--frames-output", "1",
+           "--image-size", "16", "--device", "cpu", "--repeats", "1", "--warmup", "0",
+           "--no-reference", "--json", str(out)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    direct, winograd = json.loads(out.read_text())["runs"]
+    assert (direct["conv"], winograd["conv"]) == ("direct", "winograd")
+    assert direct["gflop_per_step"] == winograd["gflop_per_step"]
+    assert direct["executed_gflop_per_step"] == direct["gflop_per_step"]
+    assert 0 < winograd["executed_gflop_per_step"] < winograd["gflop_per_step"]
+
+
 def test_bench_compares_one_and_two_ddp_processes(tmp_path):
     out = tmp_path / "ddp.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -222,5 +240,7 @@ def test_bad_settings_stop_with_one_line():
     from bench import main
     with pytest.raises(SystemExit, match="fp16 needs a CUDA device"):
         main(["--amp", "fp16", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="Winograd convolution runs in fp32/fp64 only"):
+        main(["--amp", "bf16", "--conv", "winograd", "--device", "cpu"])
     with pytest.raises(SystemExit, match="unknown preset 'convlsmt'"):
         main(["--arch", "convlsmt", "--device", "cpu"])

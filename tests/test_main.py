@@ -193,3 +193,18 @@ def test_a_failed_start_leaves_no_run_folder(tmp_path):
         main.main(["--arch", "tiny", "--device", "cpu", "--data-root", str(tmp_path / "empty"),
                    "--no-download", "--out-dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+
+
+def test_conv_algorithm_flag(tmp_path, capsys):
+    """auto picks Winograd for fp32 on the CPU; it may change on --resume; a Winograd run
+    under autocast is refused before any folder is made."""
+    train(tmp_path / "run", "--epochs", "1")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["conv"] == "auto"
+    assert "cell convolutions: winograd" in capsys.readouterr().out
+    main.main(["--resume", "--out-dir", str(tmp_path / "run"), "--epochs", "2",
+               "--workers", "0", "--conv", "direct"])
+    assert "cell convolutions: direct" in capsys.readouterr().out
+    assert [l["epoch"] for l in metrics_lines(tmp_path / "run")] == [1, 2]
+    with pytest.raises(ValueError, match="Winograd convolution runs in fp32/fp64 only"):
+        train(tmp_path / "bf16", "--amp", "bf16", "--conv", "winograd")
+    assert not (tmp_path / "bf16").exists()

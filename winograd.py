@@ -1,0 +1,209 @@
+"""Winograd convolution F(4x4, r x r) for the cells' stride-1 "same" convolutions.
+
+Lavin & Gray 2016 ("Fast Algorithms for Convolutional Neural Networks", arXiv 1509.09308):
+each 4x4 output tile of an r x r convolution is
+
+    Y = A^T [ (G g G^T) * (B^T d B) ] A        (* elementwise, d the (4+r-1)^2 input tile)
+
+so the channel mixing becomes (4+r-1)^2 independent matrix products, one per "bin", with
+(4+r-1)^2 / 16 multiplies per output pixel and channel pair instead of r^2: 4 instead of 25
+for the 5x5 kernels of the original ConvLSTM (6.25x fewer), 2.25 instead of 9 for 3x3.
+The transforms are written as matrix products (Kronecker form), so autograd derives the
+backward pass, which is itself a Winograd algorithm for grad input and grad weight.
+
+Why it exists: on the CPU the model's direct convolutions already run at the fp32 FMA peak
+(see bench.py), so fewer multiplies is the only way left to a faster fp32 step. On CUDA
+cuDNN chooses its own algorithm (Winograd among them) and the direct path stays.
+
+Numerics: the interpolation points are 0, +-1, +-2 (and +-1/2 for r = 5), the standard
+choice. In float32 the result differs from a direct convolution by about 1e-5 of the
+output's scale (a direct convolution's own rounding is about 5e-7); in float64 they agree to
+1e-13. Under autocast the cells use the direct path: the transforms' coefficients (up to
+5.25) would amplify bf16/fp16 rounding.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TILE = 4  # output tile m: F(m x m, r x r)
+POINTS = {3: (0, 1, -1, 2, -2), 5: (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2))}
+KERNELS = tuple(POINTS)
+
+
+def _exact(x) -> Fraction:
+    return Fraction(x)
+
+
+@cache
+def winograd_matrices(r: int, m: int = TILE) -> tuple[tuple, tuple, tuple]:
+    """(A^T, G, B^T) of F(m, r) as tuples of exact Fractions (Toom-Cook, point at infinity).
+
+    A^T is m x a, G is a x r and B^T is a x a, with a = m + r - 1, such that for every input
+    row d (length a) and filter g (length r)
+        A^T [(G g) * (B^T d)] = [sum_k d[i + k] g[k] for i < m]   (a correlation, as conv2d).
+    """
+    if r not in POINTS or m != TILE:
+        raise ValueError(f"Winograd F({m}, {r}) is not set up; kernel sizes {KERNELS} with "
+                         f"tile {TILE} are")
+    a = m + r - 1
+    p = [_exact(x) for x in POINTS[r]]
+    assert len(p) == a - 1
+    # Lagrange denominators prod_{l != j} (p_j - p_l)
+    den = [_prod(p[j] - p[i] for i in range(a - 1) if i != j) for j in range(a - 1)]
+    AT = [[p[j] ** i for j in range(a - 1)] + [Fraction(int(i == m - 1))] for i in range(m)]
+    G = [[p[j] ** k / den[j] for k in range(r)] for j in range(a - 1)]
+    G.append([Fraction(int(k == r - 1)) for k in range(r)])
+    # B^T: row j < a-1 holds the coefficients of N(x) / (x - p_j), N(x) = prod_l (x - p_l),
+    # as a polynomial of degree a-2 (row a-1 holds N itself): the modular (CRT) reconstruction
+    # of the linear convolution, transposed into a correlation.
+    N = _poly_from_roots(p)                     # degree a-1, coefficients low to high
+    BT = [_poly_div_root(N, p[j]) + [Fraction(0)] for j in range(a - 1)]
+    BT.append(N)
+    return tuple(map(tuple, AT)), tuple(map(tuple, G)), tuple(map(tuple, BT))
+
+
+def _prod(xs) -> Fraction:
+    out = Fraction(1)
+    for x in xs:
+        out *= x
+    return out
+
+
+def _poly_from_roots(roots) -> list[Fraction]:
+    coeffs = [Fraction(1)]                       # low to high
+    for root in roots:
+        shifted = [Fraction(0)] + coeffs         # x * poly
+        coeffs = [s - root * c for s, c in zip(shifted, coeffs + [Fraction(0)], strict=True)]
+    return coeffs
+
+
+def _poly_div_root(coeffs: list[Fraction], root: Fraction) -> list[Fraction]:
+    """coeffs / (x - root), exact (root is a root): synthetic division, low to high out."""
+    high = coeffs[::-1]
+    out = [high[0]]
+    for c in high[1:-1]:
+        out.append(c + root * out[-1])
+    return out[::-1]
+
+
+@cache
+def _kron_matrices(r: int, dtype: torch.dtype, device: torch.device):
+    """Kronecker forms: B (a^2 x a^2), G (a^2 x r^2), A^T (16 x a^2) for flattened tiles."""
+    AT, G, BT = (torch.tensor([[float(v) for v in row] for row in mat], dtype=torch.float64)
+                 for mat in winograd_matrices(r))
+    return tuple(torch.kron(mat, mat).to(device=device, dtype=dtype)
+                 for mat in (BT, G, AT))
+
+
+def _apply(K: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """K @ X for a small constant K (out x in) and a very wide X (in x N).
+
+    As a 1x1 convolution over N "pixels": oneDNN runs these skinny products (and their
+    backward, K^T @ grad) 1.3-2x faster than the BLAS matmul does on the CPU.
+    """
+    out, inner = K.shape
+    return F.conv2d(X.view(1, inner, -1, 1), K.view(out, inner, 1, 1)).view(out, -1)
+
+
+def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=r // 2) for stride 1, by Winograd F(4x4, r x r).
+
+    x: (N, C, H, W), any H and W (the last tiles are zero-padded and cropped);
+    weight: (O, C, r, r), r in KERNELS. The result has x's memory format.
+    """
+    N, C, H, W = x.shape
+    O, C_w, r, r2 = weight.shape
+    if r != r2 or r not in KERNELS or C_w != C:
+        raise ValueError(f"winograd_conv2d takes weights (O, {C}, r, r) with r in {KERNELS}, "
+                         f"got {tuple(weight.shape)}")
+    m, a, p = TILE, TILE + r - 1, r // 2
+    KB, KG, KA = _kron_matrices(r, x.dtype, x.device)
+    th, tw = -(-H // m), -(-W // m)
+    # pad so that th x tw tiles of a x a, m apart, cover the image with its 'same' border
+    xp = F.pad(x, (p, m * tw + r - 1 - W - p, p, m * th + r - 1 - H - p))
+    tiles = xp.unfold(2, a, m).unfold(3, a, m)                   # (N, C, th, tw, a, a)
+    R = N * th * tw
+    # bins-major rows for the batched product; C innermost
+    D = tiles.permute(4, 5, 0, 2, 3, 1).reshape(a * a, R * C)
+    V = _apply(KB, D).view(a * a, R, C)                               # B^T d B per tile
+    U = _apply(KG, weight.reshape(O, C, r * r).permute(2, 1, 0).reshape(r * r, C * O))
+    M = torch.bmm(V, U.view(a * a, C, O))                        # (a^2, R, O)
+    Y = _apply(KA, M.view(a * a, R * O)).view(m, m, N, th, tw, O)     # A^T M A per tile
+    y = Y.permute(2, 3, 0, 4, 1, 5).reshape(N, m * th, m * tw, O)[:, :H, :W]
+    y = y.permute(0, 3, 1, 2)                                    # channels_last (N, O, H, W)
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        y = y.contiguous()
+    if bias is not None:
+        y = y + bias.view(1, -1, 1, 1)
+    return y
+
+
+class CellConv2d(nn.Conv2d):
+    """nn.Conv2d ('same' padding, stride 1) that can run as Winograd F(4x4, r x r).
+
+    The parameters and state_dict are nn.Conv2d's, so checkpoints do not depend on the
+    algorithm. ``algorithm`` is "direct" (F.conv2d) or "winograd"; set it for a whole model
+    with ``set_conv_algorithm``. Winograd runs only where it is exact enough and supported:
+    float32/float64 weights, no autocast, kernel size in KERNELS; elsewhere it is direct.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2,
+                         bias=bias)
+        self.algorithm = "direct"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.algorithm == "winograd" and self.winograd_applies(x):
+            return winograd_conv2d(x, self.weight, self.bias)
+        return super().forward(x)
+
+    def winograd_applies(self, x: torch.Tensor) -> bool:
+        return (self.kernel_size[0] in KERNELS
+                and self.weight.dtype in (torch.float32, torch.float64)
+                and x.dtype == self.weight.dtype
+                and not _autocast_on(x.device))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", algorithm={self.algorithm}"
+
+
+def _autocast_on(device: torch.device) -> bool:
+    if device.type == "meta":  # FLOP counting (bench.py); autocast has no meta mode
+        return False
+    return torch.is_autocast_enabled(device.type)
+
+
+ALGORITHMS = ("direct", "winograd", "auto")
+
+
+def resolve_conv_algorithm(algorithm: str, device: torch.device, amp: str = "none") -> str:
+    """'auto' is Winograd for fp32 on the CPU (where direct convolution is at the FMA peak)
+    and direct elsewhere (cuDNN picks its own algorithms; autocast needs direct)."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown conv algorithm {algorithm!r}; "
+                         f"use one of {', '.join(ALGORITHMS)}")
+    if algorithm == "auto":
+        return "winograd" if device.type == "cpu" and amp == "none" else "direct"
+    if algorithm == "winograd" and amp != "none":
+        raise ValueError(f"Winograd convolution runs in fp32/fp64 only, not under --amp {amp}; "
+                         "use --conv auto or direct with --amp")
+    return algorithm
+
+
+def set_conv_algorithm(model: nn.Module, algorithm: str) -> int:
+    """Set every CellConv2d in ``model`` to 'direct' or 'winograd'; returns how many."""
+    if algorithm not in ("direct", "winograd"):
+        raise ValueError(f"conv algorithm must be 'direct' or 'winograd', got {algorithm!r}")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, CellConv2d):
+            module.algorithm = algorithm
+            count += 1
+    return count
