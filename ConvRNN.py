@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import winograd
 from winograd import CellConv2d
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
@@ -426,9 +427,10 @@ def run_cell(cell: ConvRNNCell, inputs: torch.Tensor | None = None,
         projected = cell.project_input(inputs.flatten(0, 1))  # (B*T, G, H, W)
         projections = unbind_time(projected.unflatten(0, (B, T)))  # T x (B, G, H, W)
     outputs = []
-    for x_proj in projections:
-        out, state = cell.step(x_proj, state)
-        outputs.append(out)
+    with winograd.sequence(cell):  # Winograd state convs transform their weights once
+        for x_proj in projections:
+            out, state = cell.step(x_proj, state)
+            outputs.append(out)
     return stack_time(outputs), state  # (B, T, C_hid, H, W)
 
 

@@ -24,6 +24,7 @@ output's scale (a direct convolution's own rounding is about 5e-7); in float64 t
 
 from __future__ import annotations
 
+import contextlib
 from fractions import Fraction
 from functools import cache
 
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 TILE = 4  # output tile m: F(m x m, r x r)
+MIN_CHANNELS = 32  # fewer input channels: direct is faster (measured, see CellConv2d)
 POINTS = {3: (0, 1, -1, 2, -2), 5: (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2))}
 KERNELS = tuple(POINTS)
 
@@ -101,30 +103,94 @@ def _kron_matrices(r: int, dtype: torch.dtype, device: torch.device):
                  for mat in (BT, G, AT))
 
 
-def _apply(K: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """K @ X for a small constant K (out x in) and a very wide X (in x N).
+class _Transform(torch.autograd.Function):
+    """K @ X for a constant K (out x in) and a very wide X (in x N); saves nothing but K.
 
-    As a 1x1 convolution over N "pixels": oneDNN runs these skinny products (and their
-    backward, K^T @ grad) 1.3-2x faster than the BLAS matmul does on the CPU.
+    Both directions run as a 1x1 convolution over N "pixels": oneDNN runs these skinny
+    products 1.3-2x faster than the BLAS matmul does on the CPU. A plain convolution would
+    also keep X for a weight gradient that K never needs (for the output transform X is
+    4x the size of the output), so the backward is written out: grad X = K^T @ grad.
     """
+
+    @staticmethod
+    def forward(ctx, K: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(K)
+        return _conv1x1(K, X)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (K,) = ctx.saved_tensors
+        return None, _conv1x1(K.t().contiguous(), grad)
+
+
+def _conv1x1(K: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     out, inner = K.shape
-    return F.conv2d(X.view(1, inner, -1, 1), K.view(out, inner, 1, 1)).view(out, -1)
+    return F.conv2d(X.reshape(1, inner, -1, 1), K.view(out, inner, 1, 1)).view(out, -1)
 
 
-def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
+def _apply(K: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    return _Transform.apply(K, X)
+
+
+def _check_weight(weight: torch.Tensor, in_channels: int | None = None) -> int:
+    O, C, r, r2 = weight.shape
+    if r != r2 or r not in KERNELS or (in_channels is not None and C != in_channels):
+        want = "C" if in_channels is None else in_channels
+        raise ValueError(f"winograd_conv2d takes weights (O, {want}, r, r) with r in {KERNELS}, "
+                         f"got {tuple(weight.shape)}")
+    return r
+
+
+def transform_weight(weight: torch.Tensor) -> torch.Tensor:
+    """G g G^T of every (O, C) filter: (O, C, r, r) -> (a^2, C, O), bins first.
+
+    A recurrent cell's state convolution uses the same weights at every step: compute this
+    once per sequence (see `CellConv2d.sequence`) and autograd sums the steps' gradients
+    before transforming them back once.
+    """
+    r = _check_weight(weight)
+    O, C = weight.shape[:2]
+    _, KG, _ = _kron_matrices(r, weight.dtype, weight.device)
+    U = _apply(KG, weight.reshape(O, C, r * r).permute(2, 1, 0).reshape(r * r, C * O))
+    return U.view(-1, C, O)
+
+
+# Products whose (a^2, R, O) intermediate exceeds this run in batch chunks: measured on a
+# 2-core CPU, the 40-frame 64x64 input convolution of the convlstm preset (670 MB) ran 1.3x
+# faster in 3-4 chunks, while 250 MB products gained nothing from splitting.
+CHUNK_BYTES = 256 * 2**20
+
+
+def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    *, transformed: torch.Tensor | None = None) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=r // 2) for stride 1, by Winograd F(4x4, r x r).
 
     x: (N, C, H, W), any H and W (the last tiles are zero-padded and cropped);
-    weight: (O, C, r, r), r in KERNELS. The result has x's memory format.
+    weight: (O, C, r, r), r in KERNELS; ``transformed``: ``transform_weight(weight)`` if
+    the caller already has it. The result has x's memory format.
     """
     N, C, H, W = x.shape
-    O, C_w, r, r2 = weight.shape
-    if r != r2 or r not in KERNELS or C_w != C:
-        raise ValueError(f"winograd_conv2d takes weights (O, {C}, r, r) with r in {KERNELS}, "
-                         f"got {tuple(weight.shape)}")
+    r = _check_weight(weight, C)
+    U = transform_weight(weight) if transformed is None else transformed
+    m, a = TILE, TILE + r - 1
+    tiles = (-(-H // m)) * (-(-W // m))
+    chunks = min(N, -(-a * a * N * tiles * weight.shape[0] * x.element_size() // CHUNK_BYTES))
+    if chunks > 1:
+        parts = [_winograd(part, U, r) for part in x.split(-(-N // chunks))]
+        y = torch.cat(parts)
+    else:
+        y = _winograd(x, U, r)
+    if bias is not None:
+        y = y + bias.view(1, -1, 1, 1)
+    return y
+
+
+def _winograd(x: torch.Tensor, U: torch.Tensor, r: int) -> torch.Tensor:
+    N, C, H, W = x.shape
+    O = U.shape[-1]
     m, a, p = TILE, TILE + r - 1, r // 2
-    KB, KG, KA = _kron_matrices(r, x.dtype, x.device)
+    KB, _, KA = _kron_matrices(r, x.dtype, x.device)
     th, tw = -(-H // m), -(-W // m)
     # pad so that th x tw tiles of a x a, m apart, cover the image with its 'same' border
     xp = F.pad(x, (p, m * tw + r - 1 - W - p, p, m * th + r - 1 - H - p))
@@ -132,16 +198,13 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor,
     R = N * th * tw
     # bins-major rows for the batched product; C innermost
     D = tiles.permute(4, 5, 0, 2, 3, 1).reshape(a * a, R * C)
-    V = _apply(KB, D).view(a * a, R, C)                               # B^T d B per tile
-    U = _apply(KG, weight.reshape(O, C, r * r).permute(2, 1, 0).reshape(r * r, C * O))
-    M = torch.bmm(V, U.view(a * a, C, O))                        # (a^2, R, O)
-    Y = _apply(KA, M.view(a * a, R * O)).view(m, m, N, th, tw, O)     # A^T M A per tile
+    V = _apply(KB, D).view(a * a, R, C)                          # B^T d B per tile
+    M = torch.bmm(V, U)                                          # (a^2, R, O)
+    Y = _apply(KA, M.view(a * a, R * O)).view(m, m, N, th, tw, O)  # A^T M A per tile
     y = Y.permute(2, 3, 0, 4, 1, 5).reshape(N, m * th, m * tw, O)[:, :H, :W]
     y = y.permute(0, 3, 1, 2)                                    # channels_last (N, O, H, W)
     if not x.is_contiguous(memory_format=torch.channels_last):
         y = y.contiguous()
-    if bias is not None:
-        y = y + bias.view(1, -1, 1, 1)
     return y
 
 
@@ -150,28 +213,64 @@ class CellConv2d(nn.Conv2d):
 
     The parameters and state_dict are nn.Conv2d's, so checkpoints do not depend on the
     algorithm. ``algorithm`` is "direct" (F.conv2d) or "winograd"; set it for a whole model
-    with ``set_conv_algorithm``. Winograd runs only where it is exact enough and supported:
-    float32/float64 weights, no autocast, kernel size in KERNELS; elsewhere it is direct.
+    with ``set_conv_algorithm``. Winograd runs only where it pays and is exact enough:
+    kernel size in KERNELS, at least MIN_CHANNELS input channels (with fewer the transforms
+    cost more than the multiplies saved), float32/float64, no autocast; elsewhere direct.
+
+    Inside ``with conv.sequence():`` (run_cell opens it around its time loop) the
+    transformed weights are computed once and reused by every step.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True):
         super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2,
                          bias=bias)
         self.algorithm = "direct"
+        self._reuse = False
+        self._transformed: tuple | None = None  # (key, transform_weight(weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.algorithm == "winograd" and self.winograd_applies(x):
-            return winograd_conv2d(x, self.weight, self.bias)
+            return winograd_conv2d(x, self.weight, self.bias,
+                                   transformed=self._transformed_weight())
         return super().forward(x)
 
     def winograd_applies(self, x: torch.Tensor) -> bool:
         return (self.kernel_size[0] in KERNELS
+                and self.in_channels >= MIN_CHANNELS
                 and self.weight.dtype in (torch.float32, torch.float64)
                 and x.dtype == self.weight.dtype
                 and not _autocast_on(x.device))
 
+    def _transformed_weight(self) -> torch.Tensor | None:
+        if not self._reuse or torch.compiler.is_compiling():
+            return None
+        # a new weight version (an optimizer step) or grad mode needs a new transform
+        key = (self.weight._version, torch.is_grad_enabled())
+        if self._transformed is None or self._transformed[0] != key:
+            self._transformed = (key, transform_weight(self.weight))
+        return self._transformed[1]
+
+    @contextlib.contextmanager
+    def sequence(self):
+        """Reuse the transformed weights until the block ends (then free them)."""
+        self._reuse, self._transformed = True, None
+        try:
+            yield self
+        finally:
+            self._reuse, self._transformed = False, None
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", algorithm={self.algorithm}"
+
+
+@contextlib.contextmanager
+def sequence(module: nn.Module):
+    """``CellConv2d.sequence`` for every CellConv2d in ``module`` (e.g. one cell)."""
+    with contextlib.ExitStack() as stack:
+        for conv in module.modules():
+            if isinstance(conv, CellConv2d):
+                stack.enter_context(conv.sequence())
+        yield module
 
 
 def _autocast_on(device: torch.device) -> bool:

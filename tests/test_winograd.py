@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from model import build_model
 from net_params import get_preset
 from tests.helpers import randomize
-from winograd import (KERNELS, CellConv2d, resolve_conv_algorithm, set_conv_algorithm,
-                      winograd_conv2d, winograd_matrices)
+import winograd
+from ConvRNN import ConvLSTMCell, run_cell
+from winograd import (KERNELS, MIN_CHANNELS, CellConv2d, resolve_conv_algorithm,
+                      set_conv_algorithm, winograd_conv2d, winograd_matrices)
 
 
 @pytest.mark.parametrize("r", KERNELS)
@@ -90,22 +92,84 @@ def test_bad_weights_are_refused():
         winograd_conv2d(x, torch.randn(4, 2, 5, 5))
 
 
-def test_cell_conv_is_a_conv2d_and_switches_algorithm():
-    conv = CellConv2d(3, 8, 5).double()
-    plain = torch.nn.Conv2d(3, 8, 5, padding=2)
+def test_cell_conv_is_a_conv2d_and_switches_algorithm(monkeypatch):
+    conv = CellConv2d(32, 8, 5).double()
+    plain = torch.nn.Conv2d(32, 8, 5, padding=2)
     assert conv.state_dict().keys() == plain.state_dict().keys()
-    x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    x = torch.randn(2, 32, 10, 10, dtype=torch.float64)
     direct = conv(x)
     conv.algorithm = "winograd"
+    assert conv.winograd_applies(x)
+    calls = []
+    monkeypatch.setattr(winograd, "_winograd", lambda *a: calls.append(1) or real(*a))
     torch.testing.assert_close(conv(x), direct, rtol=0, atol=1e-11)
-    assert "algorithm=winograd" in repr(conv)
+    assert calls and "algorithm=winograd" in repr(conv)
+
+
+real = winograd._winograd
+
+
+def test_few_input_channels_stay_direct():
+    """Below MIN_CHANNELS inputs the transforms cost more than the saved multiplies."""
+    conv = CellConv2d(MIN_CHANNELS - 1, 64, 5)
+    conv.algorithm = "winograd"
+    assert not conv.winograd_applies(torch.randn(1, MIN_CHANNELS - 1, 8, 8))
+
+
+def test_big_products_run_in_chunks_with_the_same_result(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 6, 9, 8, generator=g, dtype=torch.float64).to(
+        memory_format=torch.channels_last)
+    w = torch.randn(7, 6, 3, 3, generator=g, dtype=torch.float64)
+    whole = winograd_conv2d(x, w)
+    sizes = []
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", 1)  # every image its own chunk
+    monkeypatch.setattr(winograd, "_winograd", lambda x, *a: sizes.append(len(x)) or real(x, *a))
+    chunked = winograd_conv2d(x, w)
+    assert sizes == [1] * 5
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-12)
+    assert chunked.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_sequence_transforms_the_weights_once(monkeypatch):
+    """run_cell reuses a state conv's transformed weights over the steps; the gradients
+    equal a per-step transform's, and an optimizer step between sequences is seen."""
+    torch.manual_seed(0)
+    cell = ConvLSTMCell(32, 32, 3).double()
+    set_conv_algorithm(cell, "winograd")
+    x = torch.randn(2, 4, 32, 8, 8, dtype=torch.float64)
+    counted = []
+    real_transform = winograd.transform_weight
+    monkeypatch.setattr(winograd, "transform_weight",
+                        lambda w: counted.append(tuple(w.shape)) or real_transform(w))
+    out, _ = run_cell(cell, x)
+    # the input conv once (all frames batched), the state conv once for 3 steps (step 0 has
+    # no state)
+    assert len(counted) == 2
+    out.square().sum().backward()
+    with_reuse = [p.grad.clone() for p in cell.parameters()]
+    cell.zero_grad()
+    set_conv_algorithm(cell, "direct")
+    run_cell(cell, x)[0].square().sum().backward()
+    for a, b in zip(with_reuse, [p.grad for p in cell.parameters()], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    set_conv_algorithm(cell, "winograd")
+    with torch.no_grad():
+        cell.hidden_conv.weight.add_(0.1)  # as an optimizer step does
+        with winograd.sequence(cell):
+            first = cell.hidden_conv(out[:, 0])
+            cell.hidden_conv.weight.add_(0.1)
+            second = cell.hidden_conv(out[:, 0])
+        expect = F.conv2d(out[:, 0], cell.hidden_conv.weight, cell.hidden_conv.bias, padding=1)
+    torch.testing.assert_close(second, expect, rtol=0, atol=1e-10)
+    assert not torch.equal(first, second)
 
 
 def test_cell_conv_runs_direct_under_autocast():
     """Winograd's transforms would amplify bf16 rounding: autocast keeps the direct path."""
     torch.manual_seed(0)
-    conv = CellConv2d(4, 8, 5)
-    x = torch.randn(2, 4, 12, 12)
+    conv = CellConv2d(32, 8, 5)
+    x = torch.randn(2, 32, 12, 12)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         direct = conv(x)
         conv.algorithm = "winograd"
