@@ -20,7 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 MNIST_ROOT = Path(os.environ.get("MNIST_ROOT", REPO.parent / "shared" / "data" / "mnist"))
 COMMON = ["--arch", "tiny", "--device", "cpu", "--data-root", str(MNIST_ROOT), "--no-download",
           "--workers", "0", "--epoch-size", "4", "--val-size", "4", "--log-every", "1",
-          "--frames-input", "3", "--frames-output", "3"]
+          "--frames-input", "3", "--frames-output", "3",
+          # Direct convolutions: these tests compare runs whose batch shapes differ to 1e-5,
+          # and Winograd's fp32 rounding (about 1e-5 of scale, shape-dependent, see
+          # test_winograd) passes through Adam's normalised steps at that level.
+          "--conv", "direct"]
 
 pytestmark = pytest.mark.filterwarnings("ignore:train-images-idx3-ubyte.gz is not in")
 
