@@ -33,7 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 
 TILE = 4  # output tile m: F(m x m, r x r)
-MIN_CHANNELS = 32  # fewer input channels: direct is faster (measured, see CellConv2d)
+# Where Winograd beats oneDNN's direct convolution, forward + backward, measured on a 2-core
+# AVX-512 CPU (direct time / Winograd time): 5x5 64->256 at 64x64 1.29, 96->384 at 32x32
+# 1.74, 96->96 1.27, 64->128 1.30; but 64->64 0.91, 64->32 0.53, 32->128 about 1.0, and
+# every 3x3 below 128 channels 0.4-0.8. Elsewhere the transforms cost more than the
+# multiplies they save.
+FAST_KERNELS = (5,)
+MIN_IN_CHANNELS = 64
+MIN_OUT_CHANNELS = 96
 POINTS = {3: (0, 1, -1, 2, -2), 5: (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2))}
 KERNELS = tuple(POINTS)
 
@@ -213,9 +220,9 @@ class CellConv2d(nn.Conv2d):
 
     The parameters and state_dict are nn.Conv2d's, so checkpoints do not depend on the
     algorithm. ``algorithm`` is "direct" (F.conv2d) or "winograd"; set it for a whole model
-    with ``set_conv_algorithm``. Winograd runs only where it pays and is exact enough:
-    kernel size in KERNELS, at least MIN_CHANNELS input channels (with fewer the transforms
-    cost more than the multiplies saved), float32/float64, no autocast; elsewhere direct.
+    with ``set_conv_algorithm``. Winograd runs only where it is faster and exact enough: a
+    kernel in FAST_KERNELS, at least MIN_IN_CHANNELS in and MIN_OUT_CHANNELS out (see their
+    measurements), float32/float64 and no autocast; every other call runs direct.
 
     Inside ``with conv.sequence():`` (run_cell opens it around its time loop) the
     transformed weights are computed once and reused by every step.
@@ -235,8 +242,9 @@ class CellConv2d(nn.Conv2d):
         return super().forward(x)
 
     def winograd_applies(self, x: torch.Tensor) -> bool:
-        return (self.kernel_size[0] in KERNELS
-                and self.in_channels >= MIN_CHANNELS
+        return (self.kernel_size[0] in FAST_KERNELS
+                and self.in_channels >= MIN_IN_CHANNELS
+                and self.out_channels >= MIN_OUT_CHANNELS
                 and self.weight.dtype in (torch.float32, torch.float64)
                 and x.dtype == self.weight.dtype
                 and not _autocast_on(x.device))

@@ -148,7 +148,7 @@ def test_bench_rows_per_conv_algorithm(tmp_path):
     """Winograd runs fewer multiplies for the same model work: the same gflop_per_step,
     a smaller executed count; direct executes exactly the model's count."""
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "bench.py", "--arch", "tiny", "--conv", "direct,winograd",
+    cmd = [sys.executable, "bench.py", "--arch", "convlstm", "--conv", "direct,winograd",
            "--batch-size", "1", "--frames-input", "2", "--frames-output", "1",
            "--image-size", "16", "--device", "cpu", "--repeats", "1", "--warmup", "0",
            "--no-reference", "--json", str(out)]

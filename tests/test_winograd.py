@@ -13,8 +13,16 @@ from net_params import get_preset
 from tests.helpers import randomize
 import winograd
 from ConvRNN import ConvLSTMCell, run_cell
-from winograd import (KERNELS, MIN_CHANNELS, CellConv2d, resolve_conv_algorithm,
-                      set_conv_algorithm, winograd_conv2d, winograd_matrices)
+from winograd import (KERNELS, CellConv2d, resolve_conv_algorithm, set_conv_algorithm,
+                      winograd_conv2d, winograd_matrices)
+
+
+@pytest.fixture
+def everywhere(monkeypatch):
+    """Winograd for every supported kernel and width (it normally runs where it is faster)."""
+    monkeypatch.setattr(winograd, "FAST_KERNELS", KERNELS)
+    monkeypatch.setattr(winograd, "MIN_IN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "MIN_OUT_CHANNELS", 1)
 
 
 @pytest.mark.parametrize("r", KERNELS)
@@ -92,7 +100,7 @@ def test_bad_weights_are_refused():
         winograd_conv2d(x, torch.randn(4, 2, 5, 5))
 
 
-def test_cell_conv_is_a_conv2d_and_switches_algorithm(monkeypatch):
+def test_cell_conv_is_a_conv2d_and_switches_algorithm(monkeypatch, everywhere):
     conv = CellConv2d(32, 8, 5).double()
     plain = torch.nn.Conv2d(32, 8, 5, padding=2)
     assert conv.state_dict().keys() == plain.state_dict().keys()
@@ -109,11 +117,14 @@ def test_cell_conv_is_a_conv2d_and_switches_algorithm(monkeypatch):
 real = winograd._winograd
 
 
-def test_few_input_channels_stay_direct():
-    """Below MIN_CHANNELS inputs the transforms cost more than the saved multiplies."""
-    conv = CellConv2d(MIN_CHANNELS - 1, 64, 5)
+@pytest.mark.parametrize("shape,fast", [
+    ((64, 256, 5), True), ((96, 96, 5), True), ((32, 128, 5), False), ((64, 64, 5), False),
+    ((128, 512, 3), False),
+])
+def test_winograd_runs_only_where_it_is_faster(shape, fast):
+    conv = CellConv2d(*shape)
     conv.algorithm = "winograd"
-    assert not conv.winograd_applies(torch.randn(1, MIN_CHANNELS - 1, 8, 8))
+    assert conv.winograd_applies(torch.randn(1, shape[0], 8, 8)) == fast
 
 
 def test_big_products_run_in_chunks_with_the_same_result(monkeypatch):
@@ -131,7 +142,7 @@ def test_big_products_run_in_chunks_with_the_same_result(monkeypatch):
     assert chunked.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_a_sequence_transforms_the_weights_once(monkeypatch):
+def test_a_sequence_transforms_the_weights_once(monkeypatch, everywhere):
     """run_cell reuses a state conv's transformed weights over the steps; the gradients
     equal a per-step transform's, and an optimizer step between sequences is seen."""
     torch.manual_seed(0)
@@ -165,7 +176,7 @@ def test_a_sequence_transforms_the_weights_once(monkeypatch):
     assert not torch.equal(first, second)
 
 
-def test_cell_conv_runs_direct_under_autocast():
+def test_cell_conv_runs_direct_under_autocast(everywhere):
     """Winograd's transforms would amplify bf16 rounding: autocast keeps the direct path."""
     torch.manual_seed(0)
     conv = CellConv2d(32, 8, 5)
@@ -194,7 +205,11 @@ def test_resolve_and_set():
     # 3 encoder cells with input and state convs, the top forecaster cell with a state conv
     # only, 2 forecaster cells with both: 11 convolutions
     assert set_conv_algorithm(model, "winograd") == 11
-    assert all(m.algorithm == "winograd" for m in model.modules() if isinstance(m, CellConv2d))
+    convs = [m for m in model.modules() if isinstance(m, CellConv2d)]
+    assert all(m.algorithm == "winograd" for m in convs)
+    # all but the bottom encoder cell's 16-channel input convolution are wide enough to gain
+    fast = [m for m in convs if m.winograd_applies(torch.empty(1, m.in_channels, 4, 4))]
+    assert len(fast) == 10 and all(m.in_channels >= 64 for m in fast)
     with pytest.raises(ValueError, match="'direct' or 'winograd'"):
         set_conv_algorithm(model, "auto")
 
@@ -203,7 +218,7 @@ def test_resolve_and_set():
     ("convlstm", 3, {}), ("convlstm", 5, {"peephole": True}), ("convgru", 5, {}),
     ("trajgru", 5, {"links": 3}),
 ])
-def test_model_outputs_and_gradients_match_direct(cell, kernel, options):
+def test_model_outputs_and_gradients_match_direct(cell, kernel, options, everywhere):
     """Whole models (the tiny preset's stages), float64: the algorithm changes only rounding."""
     preset = dataclasses.replace(get_preset("tiny"), cell=cell, cell_kernel=kernel,
                                  cell_options=options)
