@@ -3,13 +3,17 @@
     python bench.py                                   # convlstm, batch 4, 10 -> 10, fp32
     python bench.py --amp none,bf16 --json bench.json # both precisions, one reference run
     python bench.py --arch convlstm,convgru --no-reference
+    python bench.py --conv direct,auto --channels-last  # direct vs Winograd (fp32, CPU)
 
 Per row (an --arch x --amp pair) it reports:
   * step time: median over --repeats of main.train_step (forward, loss, backward, gradient
     clipping, Adam step) after --warmup steps, with the device synchronised around each step;
   * GFLOP per step, counted by torch.utils.flop_counter.FlopCounterMode over the forward and
     backward of one step (on the meta device, so counting costs no compute; Adam adds no
-    convolution or matmul FLOPs);
+    convolution or matmul FLOPs). This is the model's work done by direct convolutions,
+    the same for every --conv algorithm; executed_gflop_per_step counts what the chosen
+    algorithm runs (Winograd: about a quarter), so achieved GFLOP/s is an effective rate
+    and Winograd's utilization can exceed 1;
   * roofline: GFLOP/s of one large dense convolution of the model's dominant shape (the
     bottom encoder cell's costliest state-side conv, e.g. ConvLSTM's 64 -> 256 5x5, run at
     batch*T_in frames of the bottom stage's size), forward AND backward, on the same device,
