@@ -101,13 +101,24 @@ def _poly_div_root(coeffs: list[Fraction], root: Fraction) -> list[Fraction]:
     return out[::-1]
 
 
-@cache
-def _kron_matrices(r: int, dtype: torch.dtype, device: torch.device):
-    """Kronecker forms: B (a^2 x a^2), G (a^2 x r^2), A^T (16 x a^2) for flattened tiles."""
+def _kron_float64(r: int) -> tuple[torch.Tensor, ...]:
     AT, G, BT = (torch.tensor([[float(v) for v in row] for row in mat], dtype=torch.float64)
                  for mat in winograd_matrices(r))
-    return tuple(torch.kron(mat, mat).to(device=device, dtype=dtype)
-                 for mat in (BT, G, AT))
+    return tuple(torch.kron(mat, mat) for mat in (BT, G, AT))
+
+
+# Kronecker forms for flattened tiles: B (a^2 x a^2), G (a^2 x r^2), A^T (16 x a^2). Built
+# at import and kept in plain dicts, which torch.compile reads as constants (it would
+# trace through a functools cache and warn).
+_KRON = {r: _kron_float64(r) for r in KERNELS}
+_KRON_CAST: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+
+def _kron_matrices(r: int, dtype: torch.dtype, device: torch.device):
+    key = (r, dtype, device)
+    if key not in _KRON_CAST:
+        _KRON_CAST[key] = tuple(mat.to(device=device, dtype=dtype) for mat in _KRON[r])
+    return _KRON_CAST[key]
 
 
 class _Transform(torch.autograd.Function):

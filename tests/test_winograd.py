@@ -237,3 +237,21 @@ def test_model_outputs_and_gradients_match_direct(cell, kernel, options, everywh
     torch.testing.assert_close(y1, y0, rtol=0, atol=1e-10)
     for a, b in zip(g1, g0, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+
+
+def test_compiles_with_torch_compile():
+    """--compile traces the Winograd path (custom autograd functions, the per-sequence
+    weight cache is skipped while compiling) to the same outputs and gradients."""
+    torch.manual_seed(0)
+    cell = ConvLSTMCell(64, 64, 5)
+    set_conv_algorithm(cell, "winograd")
+    x = torch.randn(1, 2, 64, 4, 4)
+    eager, _ = run_cell(cell, x)
+    eager.square().sum().backward()
+    want = [p.grad.clone() for p in cell.parameters()]
+    cell.zero_grad()
+    compiled = torch.compile(lambda x: run_cell(cell, x)[0])(x)
+    compiled.square().sum().backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for got, expect in zip([p.grad for p in cell.parameters()], want, strict=True):
+        torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
