@@ -131,15 +131,20 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path, extra):
     assert "speedup" in result.stdout  # the table
 
 
-def test_bench_several_rows_and_no_reference(tmp_path):
+def bench_rows(tmp_path, *flags) -> list[dict]:
+    """One bench.py run on tiny shapes, several rows, no reference."""
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "bench.py", "--arch", "tiny", "--amp", "none,bf16",
+    cmd = [sys.executable, "bench.py", *flags,
            "--batch-size", "1", "--frames-input", "2", "--frames-output", "1",
            "--image-size", "16", "--device", "cpu", "--repeats", "1", "--warmup", "0",
            "--no-reference", "--json", str(out)]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    runs = json.loads(out.read_text())["runs"]
+    return json.loads(out.read_text())["runs"]
+
+
+def test_bench_several_rows_and_no_reference(tmp_path):
+    runs = bench_rows(tmp_path, "--arch", "tiny", "--amp", "none,bf16")
     assert [r["amp"] for r in runs] == ["none", "bf16"]
     assert all(r["speedup"] is None for r in runs)
 
@@ -147,14 +152,7 @@ def test_bench_several_rows_and_no_reference(tmp_path):
 def test_bench_rows_per_conv_algorithm(tmp_path):
     """Winograd runs fewer multiplies for the same model work: the same gflop_per_step,
     a smaller executed count; direct executes exactly the model's count."""
-    out = tmp_path / "bench.json"
-    cmd = [sys.executable, "bench.py", "--arch", "convlstm", "--conv", "direct,winograd",
-           "--batch-size", "1", "--frames-input", "2", "--frames-output", "1",
-           "--image-size", "16", "--device", "cpu", "--repeats", "1", "--warmup", "0",
-           "--no-reference", "--json", str(out)]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    direct, winograd = json.loads(out.read_text())["runs"]
+    direct, winograd = bench_rows(tmp_path, "--arch", "convlstm", "--conv", "direct,winograd")
     assert (direct["conv"], winograd["conv"]) == ("direct", "winograd")
     assert direct["gflop_per_step"] == winograd["gflop_per_step"]
     assert direct["executed_gflop_per_step"] == direct["gflop_per_step"]
