@@ -1,25 +1,26 @@
-"""Winograd convolution F(4x4, r x r) for the cells' stride-1 "same" convolutions.
+"""Winograd convolution F(4x4, 5x5) for the cells' stride-1 "same" convolutions.
 
 Lavin & Gray 2016 ("Fast Algorithms for Convolutional Neural Networks", arXiv 1509.09308):
 each 4x4 output tile of an r x r convolution is
 
     Y = A^T [ (G g G^T) * (B^T d B) ] A        (* elementwise, d the (4+r-1)^2 input tile)
 
-so the channel mixing becomes (4+r-1)^2 independent matrix products, one per "bin", with
-(4+r-1)^2 / 16 multiplies per output pixel and channel pair instead of r^2: 4 instead of 25
-for the 5x5 kernels of the original ConvLSTM (6.25x fewer), 2.25 instead of 9 for 3x3.
-The transforms are written as matrix products (Kronecker form), so autograd derives the
-backward pass, which is itself a Winograd algorithm for grad input and grad weight.
+so the channel mixing becomes 64 independent matrix products, one per "bin", with
+64 / 16 = 4 multiplies per output pixel and channel pair instead of 25 (6.25x fewer) for
+the original ConvLSTM's 5x5 kernels. The transforms are matrix products (Kronecker form)
+with constant matrices, so the backward pass, which autograd assembles, is itself a
+Winograd algorithm for grad input and grad weight. Only 5x5 is built: F(4x4, 3x3) was
+slower than oneDNN's direct 3x3 kernels at every width the presets use (measured).
 
 Why it exists: on the CPU the model's direct convolutions already run at the fp32 FMA peak
 (see bench.py), so fewer multiplies is the only way left to a faster fp32 step. On CUDA
 cuDNN chooses its own algorithm (Winograd among them) and the direct path stays.
 
-Numerics: the interpolation points are 0, +-1, +-2 (and +-1/2 for r = 5), the standard
-choice. In float32 the result differs from a direct convolution by about 1e-5 of the
-output's scale (a direct convolution's own rounding is about 5e-7); in float64 they agree to
-1e-13. Under autocast the cells use the direct path: the transforms' coefficients (up to
-5.25) would amplify bf16/fp16 rounding.
+Numerics: the interpolation points are 0, +-1, +-2, +-1/2, the standard choice. In float32
+the result differs from a direct convolution by about 1e-5 of the output's scale (a direct
+convolution's own rounding is about 5e-7); in float64 they agree to 1e-13. Under autocast
+the cells use the direct path: the transforms' coefficients (up to 5.25) would amplify
+bf16/fp16 rounding.
 """
 
 from __future__ import annotations
@@ -36,33 +37,27 @@ TILE = 4  # output tile m: F(m x m, r x r)
 # Where Winograd beats oneDNN's direct convolution, forward + backward, measured on a 2-core
 # AVX-512 CPU (direct time / Winograd time): 5x5 64->256 at 64x64 1.29, 96->384 at 32x32
 # 1.74, 96->96 1.27, 64->128 1.30; but 64->64 0.91, 64->32 0.53, 32->128 about 1.0, and
-# every 3x3 below 128 channels 0.4-0.8. Elsewhere the transforms cost more than the
+# F(4x4, 3x3) 0.4-0.8 below 128 channels. Elsewhere the transforms cost more than the
 # multiplies they save.
-FAST_KERNELS = (5,)
 MIN_IN_CHANNELS = 64
 MIN_OUT_CHANNELS = 96
-POINTS = {3: (0, 1, -1, 2, -2), 5: (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2))}
-KERNELS = tuple(POINTS)
-
-
-def _exact(x) -> Fraction:
-    return Fraction(x)
+KERNEL = 5
+POINTS = (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2))  # a - 1 = 7 finite points
 
 
 @cache
-def winograd_matrices(r: int, m: int = TILE) -> tuple[tuple, tuple, tuple]:
+def winograd_matrices(r: int = KERNEL, m: int = TILE) -> tuple[tuple, tuple, tuple]:
     """(A^T, G, B^T) of F(m, r) as tuples of exact Fractions (Toom-Cook, point at infinity).
 
     A^T is m x a, G is a x r and B^T is a x a, with a = m + r - 1, such that for every input
     row d (length a) and filter g (length r)
         A^T [(G g) * (B^T d)] = [sum_k d[i + k] g[k] for i < m]   (a correlation, as conv2d).
     """
-    if r not in POINTS or m != TILE:
-        raise ValueError(f"Winograd F({m}, {r}) is not set up; kernel sizes {KERNELS} with "
-                         f"tile {TILE} are")
     a = m + r - 1
-    p = [_exact(x) for x in POINTS[r]]
-    assert len(p) == a - 1
+    if len(POINTS) != a - 1:
+        raise ValueError(f"Winograd F({m}, {r}) needs {a - 1} points; POINTS has "
+                         f"{len(POINTS)}, set up for F({TILE}, {KERNEL})")
+    p = [Fraction(x) for x in POINTS]
     # Lagrange denominators prod_{l != j} (p_j - p_l)
     den = [_prod(p[j] - p[i] for i in range(a - 1) if i != j) for j in range(a - 1)]
     AT = [[p[j] ** i for j in range(a - 1)] + [Fraction(int(i == m - 1))] for i in range(m)]
@@ -101,23 +96,23 @@ def _poly_div_root(coeffs: list[Fraction], root: Fraction) -> list[Fraction]:
     return out[::-1]
 
 
-def _kron_float64(r: int) -> tuple[torch.Tensor, ...]:
+def _kron_float64() -> tuple[torch.Tensor, ...]:
     AT, G, BT = (torch.tensor([[float(v) for v in row] for row in mat], dtype=torch.float64)
-                 for mat in winograd_matrices(r))
+                 for mat in winograd_matrices())
     return tuple(torch.kron(mat, mat) for mat in (BT, G, AT))
 
 
-# Kronecker forms for flattened tiles: B (a^2 x a^2), G (a^2 x r^2), A^T (16 x a^2). Built
-# at import and kept in plain dicts, which torch.compile reads as constants (it would
-# trace through a functools cache and warn).
-_KRON = {r: _kron_float64(r) for r in KERNELS}
+# Kronecker forms for flattened tiles: B (64 x 64), G (64 x 25), A^T (16 x 64). Built at
+# import and kept in plain dicts, which torch.compile reads as constants (it would trace
+# through a functools cache and warn).
+_KRON = _kron_float64()
 _KRON_CAST: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
-def _kron_matrices(r: int, dtype: torch.dtype, device: torch.device):
-    key = (r, dtype, device)
+def _kron_matrices(dtype: torch.dtype, device: torch.device):
+    key = (dtype, device)
     if key not in _KRON_CAST:
-        _KRON_CAST[key] = tuple(mat.to(device=device, dtype=dtype) for mat in _KRON[r])
+        _KRON_CAST[key] = tuple(mat.to(device=device, dtype=dtype) for mat in _KRON)
     return _KRON_CAST[key]
 
 
@@ -147,14 +142,14 @@ class _Tiles(torch.autograd.Function):
     (a^2, N*th*tw*C) matrix the input transform takes: tile element first, C innermost.
 
     autograd's own backward of Tensor.unfold scatters element by element and took 10% of
-    a convlstm step; when a = 2m (5x5 kernels) each gradient pixel gets at most one term
-    from each of the four (tile row, tile column) half-offsets, so four strided additions
-    of whole (m x m)-block grids do it.
+    a convlstm step. Here a = 2m (8 = 2 x 4) and Hp, Wp are multiples of m, so each
+    gradient pixel gets at most one term from each of the four (tile row, tile column)
+    half-offsets: four strided additions of whole (m x m)-block grids do it.
     """
 
     @staticmethod
     def forward(ctx, xp: torch.Tensor, a: int, m: int) -> torch.Tensor:
-        N, C = xp.shape[:2]
+        assert a == 2 * m and xp.shape[2] % m == 0 and xp.shape[3] % m == 0
         tiles = xp.unfold(2, a, m).unfold(3, a, m)               # (N, C, th, tw, a, a)
         ctx.a, ctx.m, ctx.xp_shape = a, m, xp.shape
         ctx.channels_last = xp.is_contiguous(memory_format=torch.channels_last)
@@ -167,8 +162,6 @@ class _Tiles(torch.autograd.Function):
         N, C, Hp, Wp = ctx.xp_shape
         th, tw = (Hp - a) // m + 1, (Wp - a) // m + 1
         fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
-        if a != 2 * m or Hp != m * (th + 1) or Wp != m * (tw + 1):
-            return _Tiles._backward_by_unfold(grad, ctx.xp_shape, a, m, fmt), None, None
         gx = grad.new_zeros(ctx.xp_shape).contiguous(memory_format=fmt)
         blocks = gx.unflatten(3, (tw + 1, m)).unflatten(2, (th + 1, m))  # (N, C, th+1, m, tw+1, m)
         g = grad.view(2, m, 2, m, N, th, tw, C)                  # tile row i = q*m + s, col j
@@ -176,14 +169,6 @@ class _Tiles(torch.autograd.Function):
             for q2 in (0, 1):
                 blocks[:, :, q:q + th, :, q2:q2 + tw, :] += g[q, :, q2].permute(2, 5, 3, 0, 4, 1)
         return gx, None, None
-
-    @staticmethod
-    def _backward_by_unfold(grad, shape, a, m, fmt):
-        with torch.enable_grad():
-            xp = torch.zeros(shape, dtype=grad.dtype, device=grad.device,
-                             requires_grad=True).contiguous(memory_format=fmt)
-            tiles = xp.unfold(2, a, m).unfold(3, a, m).permute(4, 5, 0, 2, 3, 1)
-            return torch.autograd.grad(tiles.reshape(a * a, -1), xp, grad)[0]
 
 
 def _conv1x1(K: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
@@ -195,26 +180,25 @@ def _apply(K: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     return _Transform.apply(K, X)
 
 
-def _check_weight(weight: torch.Tensor, in_channels: int | None = None) -> int:
+def _check_weight(weight: torch.Tensor, in_channels: int | None = None) -> None:
     O, C, r, r2 = weight.shape
-    if r != r2 or r not in KERNELS or (in_channels is not None and C != in_channels):
+    if (r, r2) != (KERNEL, KERNEL) or (in_channels is not None and C != in_channels):
         want = "C" if in_channels is None else in_channels
-        raise ValueError(f"winograd_conv2d takes weights (O, {want}, r, r) with r in {KERNELS}, "
-                         f"got {tuple(weight.shape)}")
-    return r
+        raise ValueError(f"winograd_conv2d takes weights (O, {want}, {KERNEL}, {KERNEL}), "
+                         f"got {tuple(weight.shape)}; use F.conv2d for other kernels")
 
 
 def transform_weight(weight: torch.Tensor) -> torch.Tensor:
-    """G g G^T of every (O, C) filter: (O, C, r, r) -> (a^2, C, O), bins first.
+    """G g G^T of every (O, C) filter: (O, C, 5, 5) -> (64, C, O), bins first.
 
     A recurrent cell's state convolution uses the same weights at every step: compute this
     once per sequence (see `CellConv2d.sequence`) and autograd sums the steps' gradients
     before transforming them back once.
     """
-    r = _check_weight(weight)
+    _check_weight(weight)
     O, C = weight.shape[:2]
-    _, KG, _ = _kron_matrices(r, weight.dtype, weight.device)
-    U = _apply(KG, weight.reshape(O, C, r * r).permute(2, 1, 0).reshape(r * r, C * O))
+    _, KG, _ = _kron_matrices(weight.dtype, weight.device)
+    U = _apply(KG, weight.reshape(O, C, -1).permute(2, 1, 0).reshape(-1, C * O))
     return U.view(-1, C, O)
 
 
@@ -226,33 +210,33 @@ CHUNK_BYTES = 256 * 2**20
 
 def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                     *, transformed: torch.Tensor | None = None) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, padding=r // 2) for stride 1, by Winograd F(4x4, r x r).
+    """F.conv2d(x, weight, bias, padding=2) for stride 1, by Winograd F(4x4, 5x5).
 
     x: (N, C, H, W), any H and W (the last tiles are zero-padded and cropped);
-    weight: (O, C, r, r), r in KERNELS; ``transformed``: ``transform_weight(weight)`` if
-    the caller already has it. The result has x's memory format.
+    weight: (O, C, 5, 5); ``transformed``: ``transform_weight(weight)`` if the caller
+    already has it. The result has x's memory format.
     """
     N, C, H, W = x.shape
-    r = _check_weight(weight, C)
+    _check_weight(weight, C)
     U = transform_weight(weight) if transformed is None else transformed
-    m, a = TILE, TILE + r - 1
+    m, a = TILE, TILE + KERNEL - 1
     tiles = (-(-H // m)) * (-(-W // m))
     chunks = min(N, -(-a * a * N * tiles * weight.shape[0] * x.element_size() // CHUNK_BYTES))
     if chunks > 1:
-        parts = [_winograd(part, U, r) for part in x.split(-(-N // chunks))]
-        y = torch.cat(parts)
+        y = torch.cat([_winograd(part, U) for part in x.split(-(-N // chunks))])
     else:
-        y = _winograd(x, U, r)
+        y = _winograd(x, U)
     if bias is not None:
         y = y + bias.view(1, -1, 1, 1)
     return y
 
 
-def _winograd(x: torch.Tensor, U: torch.Tensor, r: int) -> torch.Tensor:
+def _winograd(x: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
     N, C, H, W = x.shape
     O = U.shape[-1]
-    m, a, p = TILE, TILE + r - 1, r // 2
-    KB, _, KA = _kron_matrices(r, x.dtype, x.device)
+    m, r = TILE, KERNEL
+    a, p = m + r - 1, r // 2
+    KB, _, KA = _kron_matrices(x.dtype, x.device)
     th, tw = -(-H // m), -(-W // m)
     # pad so that th x tw tiles of a x a, m apart, cover the image with its 'same' border
     xp = F.pad(x, (p, m * tw + r - 1 - W - p, p, m * th + r - 1 - H - p))
@@ -269,12 +253,12 @@ def _winograd(x: torch.Tensor, U: torch.Tensor, r: int) -> torch.Tensor:
 
 
 class CellConv2d(nn.Conv2d):
-    """nn.Conv2d ('same' padding, stride 1) that can run as Winograd F(4x4, r x r).
+    """nn.Conv2d ('same' padding, stride 1) that can run as Winograd F(4x4, 5x5).
 
     The parameters and state_dict are nn.Conv2d's, so checkpoints do not depend on the
     algorithm. ``algorithm`` is "direct" (F.conv2d) or "winograd"; set it for a whole model
     with ``set_conv_algorithm``. Winograd runs only where it is faster and exact enough: a
-    kernel in FAST_KERNELS, at least MIN_IN_CHANNELS in and MIN_OUT_CHANNELS out (see their
+    5x5 kernel, at least MIN_IN_CHANNELS in and MIN_OUT_CHANNELS out (see their
     measurements), float32/float64 and no autocast; every other call runs direct.
 
     Inside ``with conv.sequence():`` (run_cell opens it around its time loop) the
@@ -295,7 +279,7 @@ class CellConv2d(nn.Conv2d):
         return super().forward(x)
 
     def winograd_applies(self, x: torch.Tensor) -> bool:
-        return (self.kernel_size[0] in FAST_KERNELS
+        return (self.kernel_size == (KERNEL, KERNEL)
                 and self.in_channels >= MIN_IN_CHANNELS
                 and self.out_channels >= MIN_OUT_CHANNELS
                 and self.weight.dtype in (torch.float32, torch.float64)
