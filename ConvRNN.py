@@ -25,8 +25,8 @@ read, comes out in their dtype. So a state has the same dtypes at every step.
 Channels_last frames stay channels_last through `run_cell` (see `unbind_time`).
 
 The cells' k x k convolutions are `winograd.CellConv2d`: an nn.Conv2d (same parameters and
-state_dict) that `winograd.set_conv_algorithm` can switch to Winograd F(4x4, k x k), the
-faster fp32 algorithm on the CPU.
+state_dict) that `winograd.set_conv_algorithm` can switch to Winograd F(4x4, 5x5), the
+faster fp32 algorithm on the CPU for the wide 5x5 convolutions.
 """
 
 from __future__ import annotations

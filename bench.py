@@ -5,7 +5,7 @@
     python bench.py --arch convlstm,convgru --no-reference
     python bench.py --conv direct,auto --channels-last  # direct vs Winograd (fp32, CPU)
 
-Per row (an --arch x --amp pair) it reports:
+Per row (an --arch x --amp x --conv setting) it reports:
   * step time: median over --repeats of main.train_step (forward, loss, backward, gradient
     clipping, Adam step) after --warmup steps, with the device synchronised around each step;
   * GFLOP per step, counted by torch.utils.flop_counter.FlopCounterMode over the forward and
