@@ -14,19 +14,16 @@ Every cell has one interface (state in, state out):
 
 Splitting the textbook convolution of cat(x, h) into an input part and a state part lets
 `run_cell` compute the input part for all T steps in ONE batched convolution
-(``cell.project_input``), because it does not depend on the recurrence. Only the state
-part carries a bias, so the split adds no second bias and the parameter count equals the
-cat(x, h) form.
+(``cell.project_input``), because it does not depend on the recurrence. In ConvLSTM and
+ConvGRU only the state part carries a bias, so the split adds no second bias and the
+parameter count equals the cat(x, h) form. TrajGRU is the exception: its candidate has an
+input-side bias that the reset gate does not multiply (see TrajGRUCell).
 
 Under autocast (bf16/fp16) the convolutions, and so the gate pre-activations, run in the
 low precision from the first step on. What accumulates over time (the LSTM's memory C,
 the GRU's H) stays in the weights' dtype (fp32); the LSTM's H, which only convolutions
 read, comes out in their dtype. So a state has the same dtypes at every step.
 Channels_last frames stay channels_last through `run_cell` (see `unbind_time`).
-
-The cells' k x k convolutions are `winograd.CellConv2d`: an nn.Conv2d (same parameters and
-state_dict) that `winograd.set_conv_algorithm` can switch to Winograd F(4x4, 5x5), the
-faster fp32 algorithm on the CPU for the wide 5x5 convolutions.
 """
 
 from __future__ import annotations
@@ -34,9 +31,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-import winograd
-from winograd import CellConv2d
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -60,6 +54,11 @@ def _norm(norm: str | None, channels: int) -> nn.Module:
     if norm == "group":
         return group_norm(channels)
     raise ValueError(f"unknown norm {norm!r}; use 'group' or None")
+
+
+def conv2d(in_channels: int, out_channels: int, kernel_size: int, bias: bool = True) -> nn.Conv2d:
+    """A stride-1 convolution with 'same' padding (odd kernels), as every cell uses."""
+    return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
 
 
 def _check_kernel(kernel_size: int) -> None:
@@ -92,7 +91,7 @@ class ConvRNNCell(nn.Module):
         self.kernel_size = kernel_size
         # No bias here: the state convolution owns the one bias of cat(x, h) * W + b.
         self.input_conv = (
-            CellConv2d(input_channels, projection_channels, input_kernel_size, bias=False)
+            conv2d(input_channels, projection_channels, input_kernel_size, bias=False)
             if input_channels > 0 else None
         )
 
@@ -151,7 +150,7 @@ class ConvLSTMCell(ConvRNNCell):
     def __init__(self, input_channels: int, hidden_channels: int, kernel_size: int, *,
                  peephole: bool = False, norm: str | None = None):
         super().__init__(input_channels, hidden_channels, kernel_size, 4 * hidden_channels)
-        self.hidden_conv = CellConv2d(hidden_channels, 4 * hidden_channels, kernel_size)
+        self.hidden_conv = conv2d(hidden_channels, 4 * hidden_channels, kernel_size)
         self.norm = _norm(norm, 4 * hidden_channels)
         self.peephole = (nn.Parameter(torch.zeros(3, hidden_channels, 1, 1))
                          if peephole else None)
@@ -203,8 +202,8 @@ class ConvGRUCell(ConvRNNCell):
                  norm: str | None = None):
         # The input projection holds (z, r | n): 3 * C_hid channels in one convolution.
         super().__init__(input_channels, hidden_channels, kernel_size, 3 * hidden_channels)
-        self.gate_conv = CellConv2d(hidden_channels, 2 * hidden_channels, kernel_size)
-        self.candidate_conv = CellConv2d(hidden_channels, hidden_channels, kernel_size)
+        self.gate_conv = conv2d(hidden_channels, 2 * hidden_channels, kernel_size)
+        self.candidate_conv = conv2d(hidden_channels, hidden_channels, kernel_size)
         self.gate_norm = _norm(norm, 2 * hidden_channels)
         self.candidate_norm = _norm(norm, hidden_channels)
 
@@ -245,10 +244,10 @@ class TrajGRUCell(ConvRNNCell):
         F = conv_k(leaky(conv_k(X) + conv_k(H), 0.2))      # flow generator, 2L channels
         (U_l, V_l) = F[2l], F[2l + 1]                      # l = 1..L, in pixels
         W_l(H)(y, x) = H(y − V_l(y, x), x − U_l(y, x))     # bilinear warp, zeros outside
-        h2h_r, h2h_z, h2h_h = conv_1x1(cat_l W_l(H))
-        i2h_r, i2h_z, i2h_h = conv_3x3(X)
+        h2h_r, h2h_z, h2h_h = conv_1x1(cat_l W_l(H))       # with a bias
+        i2h_r, i2h_z, i2h_h = conv_3x3(X)                  # bias-free
         r = σ(i2h_r + h2h_r);  z = σ(i2h_z + h2h_z)
-        H' = leaky(i2h_h + r∘h2h_h, 0.2)
+        H' = leaky(i2h_h + b_h + r∘h2h_h, 0.2)
         H_t = (1 − z)∘H' + z∘H
 
     Flows are in pixels and say where the content MOVES: a constant flow (U, V) = (dx, dy)
@@ -262,10 +261,17 @@ class TrajGRUCell(ConvRNNCell):
     the paper. The last flow convolution starts at zero, so training starts from zero
     flow (every link is the identity warp), as the official code does.
 
-    Biases: only the state branches carry one (the H→32 flow conv and the 1×1 h2h conv), so
-    splitting cat(X, H) into two convolutions adds no second bias. ``project_input``
-    computes BOTH input-only convolutions (i2h and the X→32 flow branch) in one call, so
-    `run_cell` batches them over all T frames.
+    Biases: in the official code both i2h and h2h carry a bias. For r and z, and for the flow
+    generator's first layer, the two biases just add up, so one is enough and it sits in the
+    state branch (the H→32 flow conv and the 1×1 h2h conv). For the candidate they differ:
+    the reset gate multiplies h2h's bias but not i2h's, so i2h's is a parameter of its own,
+    ``candidate_input_bias`` = b_h, (C_hid,). It exists only with an input
+    (input_channels > 0) and starts at zero. It belongs to the input side but does not
+    vanish with x=None, which means a zero input: i2h of zeros is b_h. Checkpoints saved
+    before it existed load with b_h = 0, which is the cell they were trained as.
+
+    ``project_input`` computes BOTH input-only convolutions (i2h and the X→32 flow branch)
+    in one call, so `run_cell` batches them over all T frames.
 
     x: (B, C_in, H, W) or None; state: h (B, C_hid, H, W) or None. Returns (h, h).
     With state=None the flow generator is skipped: every warp of a zero state is zero,
@@ -284,14 +290,16 @@ class TrajGRUCell(ConvRNNCell):
                          input_kernel_size=input_kernel_size)
         self.links = links
         self.flow_input_conv = (
-            CellConv2d(input_channels, flow_channels, kernel_size, bias=False)
+            conv2d(input_channels, flow_channels, kernel_size, bias=False)
             if input_channels > 0 else None
         )
-        self.flow_hidden_conv = CellConv2d(hidden_channels, flow_channels, kernel_size)
-        self.flow_out_conv = CellConv2d(flow_channels, 2 * links, kernel_size)
+        self.flow_hidden_conv = conv2d(hidden_channels, flow_channels, kernel_size)
+        self.flow_out_conv = conv2d(flow_channels, 2 * links, kernel_size)
         nn.init.zeros_(self.flow_out_conv.weight)
         nn.init.zeros_(self.flow_out_conv.bias)
         self.hidden_conv = nn.Conv2d(links * hidden_channels, 3 * hidden_channels, 1)
+        self.candidate_input_bias = (nn.Parameter(torch.zeros(hidden_channels))
+                                     if input_channels > 0 else None)
         self.gate_norm = _norm(norm, 2 * hidden_channels)
         self.candidate_norm = _norm(norm, hidden_channels)
         self._grid_cache: tuple | None = None  # (key, base grid, scale); not a buffer
@@ -358,9 +366,19 @@ class TrajGRUCell(ConvRNNCell):
         cand = r * h2h[:, 2 * C:]
         if i2h is not None:
             cand = cand + i2h[:, 2 * C:]
+        if self.candidate_input_bias is not None:  # with x=None too: i2h of zeros is b_h
+            cand = cand + self.candidate_input_bias.view(1, -1, 1, 1).to(cand.dtype)
         new = F.leaky_relu(self.candidate_norm(cand), 0.2)
         h = (1 - z) * new if state is None else (1 - z) * new + z * state
         return h, h
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "candidate_input_bias"
+        if self.candidate_input_bias is not None and key not in state_dict:
+            # A checkpoint from before b_h existed: zero is exactly the cell it was trained
+            # as. load_state_dict works on a copy, so the caller's dict is left as it was.
+            state_dict[key] = torch.zeros_like(self.candidate_input_bias)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", links={self.links}"
@@ -427,10 +445,9 @@ def run_cell(cell: ConvRNNCell, inputs: torch.Tensor | None = None,
         projected = cell.project_input(inputs.flatten(0, 1))  # (B*T, G, H, W)
         projections = unbind_time(projected.unflatten(0, (B, T)))  # T x (B, G, H, W)
     outputs = []
-    with winograd.sequence(cell):  # Winograd state convs transform their weights once
-        for x_proj in projections:
-            out, state = cell.step(x_proj, state)
-            outputs.append(out)
+    for x_proj in projections:
+        out, state = cell.step(x_proj, state)
+        outputs.append(out)
     return stack_time(outputs), state  # (B, T, C_hid, H, W)
 
 

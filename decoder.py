@@ -1,5 +1,11 @@
 """Forecaster of the encoder-forecaster (Shi et al. 2015, §3.3).
 
+The paper's "forecaster" is what the original repo (jhhuang96/ConvLSTM-PyTorch) calls the
+"decoder". Its ``decoder.rnn3 -> stage3 -> rnn2 -> stage2 -> rnn1 -> stage1`` are our
+``forecaster.stages[0..2]``, top first, each a ``cell`` then an ``up`` block; the last conv
+of its ``stage1`` (conv4_leaky_1) is our ``forecaster.head``. docs/models.md lists the
+differences, and tools/convert_original.py converts its checkpoints.
+
 The stages run top first. Each cell starts from the encoder's last state of the same
 stage (the paper copies the states across); the top cell has no input at all (its cell is
 built with input_channels=0), every lower cell takes the upsampled outputs of the stage
@@ -27,6 +33,18 @@ class ForecasterStage(nn.Module):
         self.up = conv_block(stages[index].up)
 
 
+def build_head(preset: Preset) -> nn.Sequential:
+    """The head's conv blocks: (N, stage 1's up channels, H, W) -> (N, C_frame, H, W).
+
+    Every conv but the last is followed by LeakyReLU(0.2); the last one only with
+    ``preset.head_activation == "leaky"``. The activation has no weights, so the state_dict
+    keys are the same either way (``N.0.weight``).
+    """
+    last, leaky_last = len(preset.head) - 1, preset.head_activation == "leaky"
+    return nn.Sequential(*(conv_block(spec, activation=i < last or leaky_last)
+                           for i, spec in enumerate(preset.head)))
+
+
 class Forecaster(nn.Module):
     """Encoder states (bottom first) -> (B, T_out, C, H, W) frames."""
 
@@ -35,9 +53,7 @@ class Forecaster(nn.Module):
         # Stored top first, the order they run in.
         self.stages = nn.ModuleList(ForecasterStage(preset, k)
                                     for k in reversed(range(len(preset.stages))))
-        last = len(preset.head) - 1
-        self.head = nn.Sequential(*(conv_block(spec, activation=i < last)
-                                    for i, spec in enumerate(preset.head)))
+        self.head = build_head(preset)
 
     def forward(self, states: list, frames_output: int) -> torch.Tensor:
         x = None  # the top cell has no input

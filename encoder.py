@@ -10,7 +10,8 @@ from net_params import Conv, Preset
 
 
 def conv_block(spec: Conv, activation: bool = True) -> nn.Sequential:
-    """Conv2d (or ConvTranspose2d) from a net_params.Conv, then LeakyReLU(0.2)."""
+    """Conv2d (or ConvTranspose2d) from a net_params.Conv, then LeakyReLU(0.2) unless
+    ``activation=False``. The conv is always layer 0, so its keys are ``0.weight``/``0.bias``."""
     if spec.transposed:
         # (kernel - stride) / 2 padding makes the output exactly stride times the input.
         conv = nn.ConvTranspose2d(spec.in_channels, spec.out_channels, spec.kernel,

@@ -1,20 +1,20 @@
-"""Score a checkpoint with the field's standard metrics and draw its predictions.
+"""Score a checkpoint with the field's metrics and draw its predictions.
 
     python evaluate.py --checkpoint runs/X/checkpoints/best.pt --test-set mnist_test_seq.npy
-    python evaluate.py --checkpoint runs/X/checkpoints/best.pt   # a seeded held-out set
+    python evaluate.py --checkpoint runs/X/checkpoints/best.pt --json scores.json   # made test set
 
 MSE and MAE are per-frame sums over pixels on raw predictions; SSIM (scikit-image, 7x7
-window, data_range 1) and PSNR are on predictions clipped to [0, 1]; all are averaged over
-frames and sequences, as OpenSTL and PredRNN report them. The copy-last-frame baseline is
-scored on the same sequences.
+window) and PSNR are on predictions clipped to [0, 1]; all are averaged over frames and
+sequences. `ssim` uses data_range 1 (PredRNN's convention), `ssim_openstl` data_range 2
+(the convention of OpenSTL's published table): docs/metrics.md. The copy-last-frame
+baseline is scored on the same sequences.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +22,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from data.mm import SequenceArrayDataset, load_sequences, load_test_set, make_test_set
-from main import autocast_context
 from model import build_model
-from utils import (MetricAccumulator, copy_last_frame, format_metrics_table, load_checkpoint,
-                   pick_device, save_prediction_figure, save_prediction_gif, synchronize)
-from winograd import ALGORITHMS, resolve_conv_algorithm, set_conv_algorithm
+from utils import (AMP_CHOICES, ArgumentParser, UsageError, atomic_write_text, autocast_context,
+                   check, copy_last_frame, format_metrics_table, load_checkpoint, pick_device,
+                   resolve_amp, run_cli, save_prediction_figure, save_prediction_gif, score)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Score a checkpoint on a fixed test set.")
+def parse_args(argv=None):
+    p = ArgumentParser(description="Score a checkpoint on a fixed test set.")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a .pt written by main.py")
     p.add_argument("--test-set", default=None, metavar="FILE",
                    help="mnist_test_seq.npy-style (T, N, H, W) uint8, or --layout NTHW/NTCHW "
@@ -40,97 +39,115 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num", type=int, default=2000, metavar="N",
                    help="sequences to make without --test-set (default: 2000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the made test set (default: 0)")
+    p.add_argument("--num-digits", type=int, nargs="+", default=None, metavar="K",
+                   help="digits per made sequence, drawn from this list (default: the run's)")
     p.add_argument("--data-root", default=None, metavar="DIR",
                    help="MNIST files for the made test set (default: the run's)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the scores here (default: off)")
     p.add_argument("--figure", default=None, metavar="PNG",
-                   help="prediction figure (default: predictions.png in the run folder)")
+                   help="prediction figure (default: predictions.png beside --json, or here)")
     p.add_argument("--gif", default=None, metavar="GIF",
-                   help="animated predictions (default: predictions.gif in the run folder)")
+                   help="animated predictions (default: predictions.gif beside --json, or here)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default: auto)")
     p.add_argument("--batch-size", type=int, default=32, metavar="B", help="(default: 32)")
-    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
-                   help="autocast precision (default: none)")
-    p.add_argument("--conv", default="auto", choices=ALGORITHMS,
-                   help="cell convolution algorithm, as main.py's (default: auto: winograd "
-                        "for fp32 on the CPU, else direct)")
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                   help="autocast precision, as main.py's (default: auto)")
+    p.add_argument("--conv", default="direct", choices=("direct", "winograd"),
+                   help="the cells' 5x5 convolutions, as main.py's (default: direct)")
     return p.parse_args(argv)
 
 
-def test_sequences(args, config: dict) -> np.ndarray:
+def check_writable(flag: str, path: Path) -> None:
+    """Fail now, not after scoring, if `path` can't be written."""
+    check(not path.is_dir(), f"{flag} {path} is a directory; name a file")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    check(folder.is_dir() and os.access(folder, os.W_OK),
+          f"{flag} {path}: can't write in {folder}")
+
+
+def output_paths(args) -> tuple[Path | None, Path, Path]:
+    """(json, figure, gif): the pictures go beside the JSON, or in the current folder."""
+    out = Path(args.json) if args.json else None
+    folder = out.parent if out else Path(".")
+    figure = Path(args.figure) if args.figure else folder / "predictions.png"
+    gif = Path(args.gif) if args.gif else folder / "predictions.gif"
+    for flag, path in (("--json", out), ("--figure", figure), ("--gif", gif)):
+        if path is not None:
+            check_writable(flag, path)
+    return out, figure, gif
+
+
+def load_model(checkpoint: dict, path: str, device: torch.device) -> torch.nn.Module:
+    config = checkpoint["config"]
+    try:
+        model = build_model(config["model"])
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, TypeError, RuntimeError) as err:  # a config or weights from elsewhere
+        first = str(err).strip().splitlines()[0]
+        raise UsageError(f"{path}: its weights don't fit the model its config describes "
+                         f"({type(err).__name__}: {first})") from None
+    return model.to(device).eval()
+
+
+def test_sequences(args, config: dict, num_digits: list[int]) -> np.ndarray:
     """(N, T, C, H, W) uint8 or float test sequences."""
     if args.test_set:
         if args.layout == "TNHW":
             return load_sequences(np.asarray(load_test_set(args.test_set)), layout="TNHW")
         return load_sequences(args.test_set, layout=args.layout)
-    root = args.data_root or config["data_root"]
+    root = args.data_root or config.get("data_root", "data/mnist")
     frames = config["frames_input"] + config["frames_output"]
-    made = make_test_set(root, args.num, num_digits=config["num_digits"][0], seed=args.seed,
-                         n_frames=frames, image_size=config["model"]["image_size"],
+    made = make_test_set(root, args.num, num_digits=num_digits, seed=args.seed, n_frames=frames,
+                         image_size=config["model"]["image_size"],
                          download=not config.get("no_download", False))  # (T, N, H, W)
     return load_sequences(made, layout="TNHW")
 
 
-@torch.no_grad()
-def evaluate(model, loader, device, amp_ctx, frames_output: int):
-    """Scores of the model and of the copy-last-frame baseline, and the first batch."""
-    scores = {"model": MetricAccumulator(frames_output),
-              "copy_last_baseline": MetricAccumulator(frames_output)}
-    first, model_seconds, n = None, 0.0, 0
-    for inputs, targets in loader:
-        inputs, targets = inputs.to(device), targets.to(device)
-        t0 = time.perf_counter()
-        with amp_ctx:
-            pred = model(inputs, frames_output=frames_output).float()
-        synchronize(device)
-        model_seconds += time.perf_counter() - t0
-        n += len(inputs)
-        scores["model"].update(pred, targets)
-        scores["copy_last_baseline"].update(copy_last_frame(inputs, frames_output), targets)
-        if first is None:
-            first = (inputs.cpu(), targets.cpu(), pred.cpu())
-    return {k: acc.compute() for k, acc in scores.items()}, n / model_seconds, first
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    check(args.num >= 1 and args.batch_size >= 1 and args.seed >= 0,
+          f"--num, --batch-size must be >= 1 and --seed >= 0, got {args.num}, "
+          f"{args.batch_size}, {args.seed}")
+    check(args.num_digits is None or min(args.num_digits) >= 1,
+          f"--num-digits must be >= 1, got {args.num_digits}")
+    json_path, figure, gif = output_paths(args)
     checkpoint = load_checkpoint(args.checkpoint)
     config = checkpoint["config"]
     device = pick_device(args.device)
-    model = build_model(config["model"]).to(device)
-    model.load_state_dict(checkpoint["model"])
-    model.eval()
-    conv = resolve_conv_algorithm(args.conv, device, args.amp)
-    set_conv_algorithm(model, conv)
+    amp = resolve_amp(args.amp, device)
+    check(args.conv == "direct" or amp == "none",
+          f"--conv winograd runs in fp32 only, not under --amp {amp}; add --amp none")
+    model = load_model(checkpoint, args.checkpoint, device)
+    if args.conv == "winograd":
+        from tools.winograd import use_winograd
+        use_winograd(model)
 
     fi, fo = config["frames_input"], config["frames_output"]
-    sequences = test_sequences(args, config)
-    dataset = SequenceArrayDataset(sequences, fi, fo)
+    num_digits = args.num_digits or config.get("num_digits", [2])
+    dataset = SequenceArrayDataset(test_sequences(args, config, num_digits), fi, fo)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
-    results, seq_per_s, (inputs, targets, preds) = evaluate(
-        model, loader, device, autocast_context(device, args.amp), fo)
-    report = {**results, "sequences": len(dataset), "seq_per_s": seq_per_s,
+    scores = score(model, loader, device, autocast_context(device, amp), fo,
+                   baselines={"copy_last_baseline": copy_last_frame})
+    results = {name: acc.compute() for name, acc in scores.metrics.items()}
+    report = {**results, "sequences": scores.sequences,
+              "seq_per_s": scores.sequences / scores.model_seconds,
               "checkpoint": str(args.checkpoint), "epoch": checkpoint.get("epoch"),
               "test_set": args.test_set or f"made: {args.num} held-out sequences, seed {args.seed}",
-              "frames_input": fi, "frames_output": fo, "conv": conv}
+              "num_digits": None if args.test_set else num_digits,
+              "frames_input": fi, "frames_output": fo, "amp": amp, "conv": args.conv}
 
     print(format_metrics_table(results))
-    print(f"{len(dataset)} sequences, {seq_per_s:.1f} seq/s on {device}")
-    run_dir = Path(args.checkpoint).resolve().parent.parent
-    figure = Path(args.figure or run_dir / "predictions.png")
-    gif = Path(args.gif or run_dir / "predictions.gif")
-    save_prediction_figure(figure, inputs, targets, preds)
-    save_prediction_gif(gif, inputs, targets, preds)
+    print(f"{scores.sequences} sequences, {report['seq_per_s']:.1f} seq/s on {device}")
+    save_prediction_figure(figure, *scores.first_batch)
+    save_prediction_gif(gif, *scores.first_batch)
     print(f"wrote {figure} and {gif}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    if json_path:
+        atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
+        print(f"wrote {json_path}")
     return report
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as e:  # not a checkpoint, a test set of the wrong shape: say so in one line
-        sys.exit(f"error: {e}")
+    sys.exit(run_cli(main))

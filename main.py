@@ -1,21 +1,22 @@
 """Train an encoder-forecaster on Moving MNIST (or your own sequences).
 
-    python main.py                                   # convlstm, the original's setting
-    python main.py --arch tiny --device cpu --time-budget 15 --data-root ../shared/data/mnist
-    python main.py --resume --out-dir runs/2026...   # continue a run exactly
+    python main.py                                     # convlstm, the original's setting
+    python main.py --arch tiny --device cpu --time-budget 15
+    python main.py --arch tiny --device cpu --resume   # the same command, continued
 
 A run is a folder (default runs/<timestamp>-<arch>) holding config.json, TensorBoard
-events, metrics.jsonl (one line per epoch) and checkpoints/{last,best}.pt.
+events, metrics.jsonl (one line per finished epoch) and checkpoints/{last,best}.pt; see
+RunFolder. This file reads top to bottom: flags, config, the run folder, the loop.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
 import os
+import signal
 import sys
 import time
 from datetime import datetime
@@ -23,28 +24,43 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from data.mm import MovingMNIST, SequenceArrayDataset, load_sequences, split_holdout
-from model import build_model, count_parameters
+from model import build_model, check_preset, count_parameters
 from net_params import get_preset
-from utils import (MetricAccumulator, atomic_save, keep_freed_memory, load_checkpoint,
-                   pick_device, prediction_grid, rng_state, seed_everything, set_rng_state)
-from winograd import ALGORITHMS, resolve_conv_algorithm, set_conv_algorithm
+from utils import (AMP_CHOICES, LOSSES, METRIC_NAMES, ArgumentParser, UsageError, atomic_save,
+                   atomic_write_text, autocast_context, check, keep_freed_memory,
+                   load_checkpoint, pick_device, prediction_grid, resolve_amp, rng_state,
+                   run_cli, score, seed_everything, set_rng_state, train_step, TMP_SUFFIX)
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-METRICS = ("mse", "mae", "ssim", "psnr")
-# Flags that may change when a run is resumed; everything else comes from its config.json.
-RESUMABLE = ("epochs", "time_budget", "device", "workers", "compile", "conv", "log_every",
-             "patience")
+# Flags that a resumed run may change: where and how this process runs, and how long it
+# goes on. --lr too, as the advice after a NaN says; every change is recorded in the run.
+# Any other flag fixes the experiment: repeating it with the same value is fine.
+RESUMABLE = ("data_root", "no_download", "train_data", "device", "workers", "log_every", "conv",
+             "amp", "compile", "epochs", "time_budget", "patience", "lr")
+SCHEDULES = ("plateau", "cosine", "onecycle")
+OPTIMIZERS = ("adam", "adamw")
 
+
+def configure_process(device: torch.device) -> torch.memory_format:
+    """Process-wide speed settings, chosen once for the device (docs/speed.md has the
+    measurements). Returns the memory format the model and its activations use."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times and keeps its fastest kernels
+    if device.type == "cpu":
+        keep_freed_memory()  # no page faults on every step's big tensors: 4-8% faster steps
+        return torch.channels_last  # oneDNN's convolutions: 2-3% faster end to end
+    return torch.contiguous_format  # cuda, mps: channels_last is unmeasured (tools/gpu_check.sh)
+
+
+# ----------------------------------------------------------------------------------------
+# Flags and config
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train a ConvLSTM/ConvGRU encoder-forecaster.")
+    p = ArgumentParser(description="Train a ConvLSTM/ConvGRU/TrajGRU encoder-forecaster.")
     p.add_argument("--arch", default="convlstm", metavar="NAME",
                    help="preset from net_params.PRESETS (default: convlstm)")
     p.add_argument("--data-root", default="data/mnist", metavar="DIR",
@@ -58,16 +74,29 @@ def make_parser() -> argparse.ArgumentParser:
                    help="share of --train-data held out for validation (default: 0.1)")
     p.add_argument("--out-dir", default=None, metavar="DIR",
                    help="run folder (default: runs/<timestamp>-<arch>)")
-    p.add_argument("--epochs", type=int, default=500, metavar="N", help="(default: 500)")
+    p.add_argument("--epochs", type=int, default=None, metavar="N",
+                   help="(default: the preset's, 500 for convlstm)")
     p.add_argument("--epoch-size", type=int, default=None, metavar="N",
                    help="sequences per epoch (default: the preset's, 10000 for convlstm)")
     p.add_argument("--val-size", type=int, default=1000, metavar="N",
                    help="fixed validation sequences from held-out digits (default: 1000)")
     p.add_argument("--batch-size", type=int, default=None, metavar="B",
-                   help="sequences per step (default: the preset's, 16 for convlstm)")
+                   help="sequences per step and process (default: the preset's, 16 for convlstm)")
     p.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate (default: the preset's, 1e-4 for convlstm)")
-    p.add_argument("--clip", type=float, default=10.0, help="gradient-norm clip (default: 10)")
+                   help="peak learning rate (default: the preset's, 1e-4 for convlstm)")
+    p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS,
+                   help="Adam, or AdamW with decoupled --weight-decay (default: adam)")
+    p.add_argument("--weight-decay", type=float, default=0.0, metavar="W", help="(default: 0)")
+    p.add_argument("--schedule", default="plateau", choices=SCHEDULES,
+                   help="plateau: halve the LR after 4 epochs without a better val loss, as the "
+                        "original; cosine: warm up, then cosine to 0; onecycle: Smith's "
+                        "one-cycle shape (default: plateau)")
+    p.add_argument("--warmup", type=float, default=None, metavar="F",
+                   help="share of the steps spent warming up (cosine: 0.05, onecycle: 0.3)")
+    p.add_argument("--loss", default="mse", choices=LOSSES,
+                   help="per-pixel MSE, or MSE + L1 (default: mse)")
+    p.add_argument("--clip", type=float, default=10.0,
+                   help="gradient-norm clip; inf turns it off (default: 10)")
     p.add_argument("--patience", type=int, default=20, metavar="N",
                    help="early stopping: epochs without a better val loss (default: 20)")
     p.add_argument("--frames-input", type=int, default=None, metavar="T",
@@ -79,21 +108,23 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     p.add_argument("--device", default="auto",
                    help="auto, cuda, cuda:N, mps or cpu; auto prefers cuda, then mps (default: auto)")
-    p.add_argument("--workers", type=int, default=2, metavar="N",
-                   help="DataLoader worker processes (default: 2)")
-    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
-                   help="autocast precision; fp16 on CUDA only (default: none)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="DataLoader worker processes (default: up to 8 on CUDA, 1 elsewhere)")
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                   help="autocast precision; auto is bf16 on CUDA GPUs that support it and "
+                        "fp32 elsewhere (CPU bf16 is fast only with AVX512-BF16 or AMX); fp16 "
+                        "on CUDA only (default: auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
-    p.add_argument("--conv", default="auto", choices=ALGORITHMS,
-                   help="the cells' convolution algorithm: winograd (F(4x4, k x k), fewer "
-                        "multiplies) or direct; auto = winograd for fp32 on the CPU, direct "
-                        "elsewhere (default: auto)")
+    p.add_argument("--conv", default="direct", choices=("direct", "winograd"),
+                   help="the cells' 5x5 convolutions: direct, or Winograd F(4x4, 5x5) from "
+                        "tools/winograd.py, faster in fp32 on CPUs (default: direct)")
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
-                   help="end training after this many minutes, then validate and "
-                        "checkpoint (default: none)")
+                   help="stop after this many minutes (validation included) with a checkpoint "
+                        "that --resume continues exactly; it counts from this start, and a "
+                        "resumed run has none unless given (default: none)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
-                   help="continue from a checkpoint or run folder; with no PATH, "
-                        "--out-dir's (or the newest run's) last checkpoint (default: off)")
+                   help="continue a run: PATH is its folder or checkpoint; alone, --out-dir's "
+                        "run or the newest run that is not running (default: off)")
     p.add_argument("--log-every", type=int, default=20, metavar="N",
                    help="steps between loss logs; each log syncs the device (default: 20)")
     p.add_argument("--dry-run", action="store_true",
@@ -102,49 +133,35 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, set[str]]:
-    """The flags, and the names of those given explicitly (resume keeps the rest)."""
+    """The flags, and the names of those given explicitly (a resumed run keeps the rest)."""
     parser = make_parser()
     args = parser.parse_args(argv)
     for action in parser._actions:
         action.default = argparse.SUPPRESS
-    given = set(vars(parser.parse_args(argv)))
-    return args, given
+    return args, set(vars(parser.parse_args(argv)))
 
 
-# ----------------------------------------------------------------------------------------
-# One step, and the precision it runs in (bench.py times exactly this).
+def check_flags(args: argparse.Namespace) -> None:
+    """One line naming the flag, the value and what is allowed, before anything is made."""
+    at_least = {"epochs": 1, "epoch_size": 1, "val_size": 1, "batch_size": 1, "patience": 1,
+                "frames_input": 1, "frames_output": 1, "seed": 0, "workers": 0, "log_every": 1}
+    for key, low in at_least.items():
+        value = getattr(args, key, None)
+        check(value is None or value >= low, f"--{key.replace('_', '-')} must be >= {low}, got {value}")
+    for key in ("lr", "clip", "time_budget"):
+        value = getattr(args, key, None)
+        check(value is None or value > 0 and not math.isnan(value),
+              f"--{key.replace('_', '-')} must be > 0, got {value}"
+              + ("; use --clip inf to turn clipping off" if key == "clip" else ""))
+    check(args.lr is None or math.isfinite(args.lr), f"--lr must be finite, got {args.lr}")
+    check(min(args.num_digits) >= 1, f"--num-digits must be >= 1, got {args.num_digits}")
+    check(0 < args.holdout_fraction < 1, f"--holdout-fraction must be in (0, 1), got {args.holdout_fraction}")
+    check(args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}")
+    check(args.warmup is None or 0 <= args.warmup < 1, f"--warmup must be in [0, 1), got {args.warmup}")
+    check(args.warmup in (None, 0) or args.schedule != "plateau",
+          "--warmup needs --schedule cosine or onecycle; plateau has no warm-up")
+    check(args.resume != "", "--resume '' names no run; give a run folder or checkpoint, or --resume alone")
 
-def autocast_context(device: torch.device, amp: str):
-    """torch.autocast for --amp bf16|fp16, a no-op for none."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    if amp not in AMP_DTYPES:
-        raise ValueError(f"unknown --amp {amp!r}; use none, bf16 or fp16")
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError(f"--amp fp16 needs a CUDA device, got {device.type}; use --amp bf16")
-    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, inputs, targets,
-               amp_ctx, clip: float = 10.0) -> torch.Tensor:
-    """One optimisation step on a batch (B, T_in, C, H, W) -> (B, T_out, C, H, W).
-
-    Returns the loss as a detached tensor: the caller decides when to sync with .item().
-    """
-    with amp_ctx:
-        pred = model(inputs, frames_output=targets.shape[1])
-    loss = F.mse_loss(pred.float(), targets)  # the mean over pixels: no second division by B
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    nn.utils.clip_grad_norm_(model.parameters(), clip)
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.detach()
-
-
-# ----------------------------------------------------------------------------------------
-# Run folder, config, data
 
 def resolve_config(args: argparse.Namespace) -> dict:
     """Flags plus the preset's defaults -> the run's full config (saved as config.json)."""
@@ -153,88 +170,191 @@ def resolve_config(args: argparse.Namespace) -> dict:
         preset.frames_input = args.frames_input
     if args.frames_output is not None:
         preset.frames_output = args.frames_output
-    config = {k: v for k, v in vars(args).items() if k not in ("resume", "dry_run")}
-    for key in ("batch_size", "lr", "epoch_size"):  # flags override the preset's defaults
+    check_preset(preset)
+    config = {k: v for k, v in vars(args).items() if k not in ("resume", "out_dir")}
+    for key in ("epochs", "batch_size", "lr", "epoch_size"):  # flags override the preset's
         if config[key] is None:
             config[key] = getattr(preset, key)
+    if config["warmup"] is None:
+        config["warmup"] = {"plateau": 0.0, "cosine": 0.05, "onecycle": 0.3}[config["schedule"]]
+    for key in ("data_root", "train_data"):  # a later --resume may run from another folder
+        if config[key] is not None:
+            config[key] = os.path.abspath(config[key])
     config["frames_input"], config["frames_output"] = preset.frames_input, preset.frames_output
     config["model"] = preset.to_dict()
-    if args.dry_run:
-        config.update(epochs=1, epoch_size=config["batch_size"],
+    if args.dry_run:  # one global batch
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        config.update(epochs=1, epoch_size=config["batch_size"] * world,
                       val_size=min(config["val_size"], config["batch_size"]))
     return config
 
 
-def new_run_dir(out_dir: str | None, arch: str) -> Path:
-    if out_dir is None:
-        base = Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{arch}"
-        run_dir, n = base, 1
-        while run_dir.exists():  # two runs in one second: never share a folder
-            n += 1
-            run_dir = base.with_name(f"{base.name}-{n}")
+# Settings that configs written before a flag existed imply.
+LEGACY = {"optimizer": "adam", "weight_decay": 0.0, "schedule": "plateau", "warmup": 0.0,
+          "loss": "mse", "conv": "direct"}
+
+
+def resumed_config(stored: dict, args: argparse.Namespace, given: set[str], run: Path) -> dict:
+    """A run's stored config with the flags given again: experiment flags must repeat their
+    value; RESUMABLE ones may change, and each change is recorded under "resumes"."""
+    config = {**LEGACY, **stored}
+    if config["conv"] not in ("direct", "winograd"):  # "auto" of older versions
+        config["conv"] = "direct"
+    config["time_budget"] = None  # a budget is this process's: only a given one applies
+    changed = {}
+    for key in sorted(given - {"resume", "out_dir"}):
+        new = getattr(args, key)
+        if key in ("data_root", "train_data") and new is not None:
+            new = os.path.abspath(new)
+        old = config.get(key)
+        if old == new:
+            continue
+        check(key in RESUMABLE, f"--{key.replace('_', '-')} was {old!r} when {run} started and "
+                                f"can't change on --resume (you gave {new!r}); repeat it or leave "
+                                f"it out, or start a new run with another --out-dir")
+        config[key], changed[key] = new, [old, new]
+    if changed:
+        config["resumes"] = [*config.get("resumes", []), {"changed": changed}]
+    return config
+
+
+# ----------------------------------------------------------------------------------------
+# Which run: a new folder, or the checkpoint and folder to resume (nothing is written here)
+
+def is_run(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
+
+
+def has_checkpoint(folder: Path) -> bool:
+    return (folder / "checkpoints" / "last.pt").is_file()
+
+
+def newest_idle_run() -> Path:
+    runs = sorted((p for p in Path("runs").glob("*") if is_run(p)),
+                  key=lambda p: (p / "config.json").stat().st_mtime, reverse=True)
+    for run in runs:
+        if not RunFolder.is_locked(run):
+            return run
+    raise UsageError("--resume found no run in runs/ that is not training; "
+                     "pass --resume RUN_FOLDER or --out-dir")
+
+
+def check_new_folder(folder: Path) -> None:
+    check(not folder.exists() or folder.is_dir(), f"--out-dir {folder} is a file; name a folder")
+    check(not has_checkpoint(folder),
+          f"{folder} already holds a run; add --resume to continue it or choose another --out-dir")
+
+
+def plan_run(args: argparse.Namespace, given: set[str]) -> tuple[dict, Path | None, dict | None, Path | None]:
+    """(config, run folder, checkpoint to resume or None, the run a fork copies best.pt from).
+
+    The folder is None for a new run in runs/<timestamp>-<arch> (named on rank 0 later).
+    """
+    check_flags(args)
+    out = Path(args.out_dir).resolve() if args.out_dir else None
+    if args.dry_run:
+        args.epoch_size = None  # one global batch, set by resolve_config
+    if args.resume is None:
+        if out is not None:
+            check_new_folder(out)
+        return resolve_config(args), out, None, None
+    if args.resume == "latest":
+        source = out or newest_idle_run()
+        check(is_run(source), f"--resume: {source} holds no run (no config.json)")
+        ckpt = source / "checkpoints" / "last.pt"
     else:
-        run_dir = Path(out_dir)
-        if (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists():
-            raise SystemExit(f"error: {run_dir} already holds a run; pass --resume to continue "
-                             f"it or choose another --out-dir")
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def find_resume_checkpoint(resume: str, out_dir: str | None) -> Path:
-    if resume == "latest":
-        if out_dir is not None:
-            path = Path(out_dir)
-        else:
-            runs = sorted(Path("runs").glob("*/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)
-            if not runs:
-                raise SystemExit("error: --resume found no runs/*/checkpoints/last.pt; "
-                                 "pass --resume PATH or --out-dir")
-            path = runs[-1]
+        path = Path(args.resume).resolve()
+        check(path.exists(), f"--resume {args.resume}: no such file or folder")
+        ckpt = path / "checkpoints" / "last.pt" if path.is_dir() else path
+        check(not path.is_dir() or is_run(path), f"--resume {args.resume}: not a run folder (no config.json)")
+        source = ckpt.parent.parent if ckpt.parent.name == "checkpoints" and is_run(ckpt.parent.parent) else None
+    in_place = out is None or out == source
+    if in_place:
+        check(source is not None, f"--resume {ckpt} is not inside a run folder; add --out-dir NEW "
+                                  f"to continue it in a new run folder")
+        check(ckpt.name == "last.pt", f"--resume {ckpt} would rewind {source} to an older state; "
+                                      f"fork it instead with --out-dir NEW_FOLDER")
+        check(not RunFolder.is_locked(source), f"{source} is being trained by another process")
     else:
-        path = Path(resume)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
-    if not path.exists():
-        raise SystemExit(f"error: no checkpoint at {path}; pass --resume PATH to a .pt file "
-                         f"or a run folder")
-    return path
+        check_new_folder(out)
+        check(ckpt.is_file(), f"--resume {ckpt}: no checkpoint to fork into {out}")
+    if not ckpt.is_file():  # a run that failed before its first checkpoint starts again
+        stored = json.loads((source / "config.json").read_text())
+        return resumed_config(stored, args, given, source), source, None, None
+    checkpoint = load_checkpoint(ckpt)
+    check("optimizer" in checkpoint, f"{ckpt} holds no optimizer state (a converted or exported "
+                                     f"model?); evaluate it with evaluate.py, or start a new run")
+    config = resumed_config(checkpoint["config"], args, given, source or ckpt)
+    if "history" not in checkpoint:  # written before checkpoints carried it
+        lines = (source / "metrics.jsonl").read_text().splitlines() if source and \
+            (source / "metrics.jsonl").is_file() else []
+        checkpoint["history"] = [r for r in map(json.loads, filter(str.strip, lines))
+                                 if r["epoch"] <= checkpoint["epoch"]]
+    if not in_place:
+        config["forked_from"] = str(ckpt)
+    return config, source if in_place else out, checkpoint, None if in_place else source
 
+
+# ----------------------------------------------------------------------------------------
+# Data
 
 def make_datasets(config: dict) -> tuple[Dataset, Dataset]:
+    """Training and validation sets; every problem with the data is a UsageError here."""
     fi, fo = config["frames_input"], config["frames_output"]
+    model = config["model"]
     if config["train_data"]:
         sequences = load_sequences(config["train_data"])  # (N, T, C, H, W)
+        _, T, C, H, W = sequences.shape
+        stride = math.prod(stage["down"]["stride"] for stage in model["stages"])
+        check(C == model["frame_channels"], f"--train-data has {C} channels but the preset's frames "
+                                            f"have {model['frame_channels']}")
+        check(min(H, W) >= 7, f"--train-data frames are {H}x{W}; SSIM needs at least 7x7")
+        check(H % stride == 0 and W % stride == 0,
+              f"--train-data frames are {H}x{W}, but the preset's stages downsample by {stride}; "
+              f"crop them to a multiple of {stride}")
         train_idx, val_idx = split_holdout(len(sequences), config["holdout_fraction"])
         return (SequenceArrayDataset(sequences, fi, fo, indices=train_idx),
                 SequenceArrayDataset(sequences, fi, fo, indices=val_idx))
+    root = Path(config["data_root"])
+    check(not root.exists() or root.is_dir(),
+          f"--data-root {root} is a file; name the folder that holds the MNIST files")
     common = dict(n_frames_input=fi, n_frames_output=fo, num_objects=config["num_digits"],
-                  seed=config["seed"], image_size=config["model"]["image_size"],
+                  seed=config["seed"], image_size=model["image_size"],
                   download=not config["no_download"])
     train = MovingMNIST(config["data_root"], True, length=config["epoch_size"], **common)
     val = MovingMNIST(config["data_root"], False, length=config["val_size"], **common)
     return train, val
 
 
-def epoch_indices(dataset: Dataset, config: dict, epoch: int, rank: int, world: int) -> list[int]:
-    """This process's sample indices for one epoch, in step order.
-
-    Step s of the global batch (batch_size * world sequences) covers positions
-    s*B*world ... (s+1)*B*world - 1 of the epoch's order; rank r takes the r-th slice of
-    B. A Moving MNIST sample is a function of (seed, epoch, index), so every rank draws
-    different sequences, and N processes of batch B see exactly the sequences that one
-    process of batch N*B sees. A fixed array is shuffled by a generator keyed on
-    (seed, epoch), the same on every rank, so resume is exact too.
-    """
+def epoch_order(dataset: Dataset, config: dict, epoch: int) -> list:
+    """An epoch's samples in step order. A Moving MNIST sample is a function of (seed, epoch,
+    index): the sampler yields (epoch, index), which persistent workers read too. A fixed
+    array is shuffled by a generator keyed on (seed, epoch)."""
     if isinstance(dataset, MovingMNIST):
-        dataset.set_epoch(epoch)  # reaches the workers: they are re-created every epoch
-        order = list(range(len(dataset)))
-    else:
-        g = torch.Generator().manual_seed(config["seed"] * 1_000_003 + epoch)
-        order = torch.randperm(len(dataset), generator=g).tolist()
-    B = config["batch_size"]
-    steps = len(order) // (B * world)
-    return [order[s * B * world + rank * B + j] for s in range(steps) for j in range(B)]
+        return [(epoch, i) for i in range(len(dataset))]
+    g = torch.Generator().manual_seed(config["seed"] * 1_000_003 + epoch)
+    return torch.randperm(len(dataset), generator=g).tolist()
+
+
+def rank_share(order: list, batch: int, rank: int, world: int) -> list:
+    """This process's samples of `order`: step s covers positions s*B*world ... of it, and
+    rank r takes the r-th slice of B. So N processes of batch B see exactly the sequences
+    that one process of batch N*B sees."""
+    steps = len(order) // (batch * world)
+    return [order[s * batch * world + rank * batch + j] for s in range(steps) for j in range(batch)]
+
+
+class EpochSampler:
+    """The indices of the current epoch; one DataLoader (and its workers) serves all epochs."""
+
+    def __init__(self):
+        self.indices = []
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
 
 
 # ----------------------------------------------------------------------------------------
@@ -264,25 +384,182 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return out.to(t.device)
 
 
-def on_rank0(rank: int, fn, *args):
-    """Run fn on rank 0 and share its result, or its SystemExit, with every rank."""
+def rank0_first(rank: int, fn, *args):
+    """fn on rank 0 first (it may download), then on the others. A UsageError or OSError
+    on rank 0 reaches every rank, so that none waits for it forever."""
+    if not dist.is_initialized():
+        return fn(*args)
     result, error = None, None
     if rank == 0:
         try:
             result = fn(*args)
-        except SystemExit as e:
-            error = str(e)
-    if dist.is_initialized():
-        shared = [result, error]
-        dist.broadcast_object_list(shared, src=0)
-        result, error = shared
-    if error:
-        raise SystemExit(error)
-    return result
+        except (UsageError, OSError) as e:
+            error = e
+    shared = [None if error is None else str(error)]
+    dist.broadcast_object_list(shared, src=0)
+    if error is not None:
+        raise error
+    if shared[0] is not None:
+        raise UsageError(shared[0])
+    return result if rank == 0 else fn(*args)
+
+
+def broadcast(value, rank: int):
+    """Rank 0's value on every rank."""
+    if not dist.is_initialized():
+        return value
+    shared = [value if rank == 0 else None]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 # ----------------------------------------------------------------------------------------
-# Validation, early stopping
+# The run folder
+
+class RunFolder:
+    """The run folder, and every write to it. Only rank 0 writes; other ranks' calls do nothing.
+
+        config.json            every setting, the preset included
+        events.out.tfevents.*  TensorBoard: losses, metrics, LR, pictures, HParams
+        metrics.jsonl          one line per finished epoch
+        checkpoints/last.pt    the latest state: an epoch's end, or mid-epoch after a stop
+        checkpoints/best.pt    the state at the end of the best epoch (lowest val_loss)
+
+    Crash consistency: checkpoints are written atomically, and each carries the history of
+    finished epochs. `open` repairs whatever a kill left half-done: metrics.jsonl is
+    rewritten from the history, best.pt made to match the history's best epoch, temp files
+    removed. A lock (flock, dropped by the OS when the process dies) keeps a second process
+    out of a folder that is training.
+    """
+
+    LOCK = ".lock"
+
+    def __init__(self, path: Path, lead: bool):
+        self.path, self.lead = Path(path), lead
+        self.checkpoints = self.path / "checkpoints"
+        self.writer, self._lock = None, None
+
+    @classmethod
+    def is_locked(cls, path: Path) -> bool:
+        lock = cls._try_lock(Path(path) / cls.LOCK, create=False)
+        if lock is False:
+            return True
+        if lock is not None:
+            lock.close()
+        return False
+
+    @staticmethod
+    def _try_lock(path: Path, create: bool = True):
+        """An open, locked file; False if another process holds the lock; None where there
+        is nothing to lock or no flock (Windows)."""
+        try:
+            import fcntl
+        except ImportError:
+            return None
+        if not create and not path.exists():
+            return None
+        f = open(path, "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            return False
+        return f
+
+    def open(self, config: dict, state: dict | None, fork_source: Path | None = None) -> None:
+        """Lock the folder, write config.json, and bring metrics.jsonl, best.pt and
+        TensorBoard in line with `state` (the checkpoint resumed from, or None)."""
+        if not self.lead:
+            return
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self._lock = self._try_lock(self.path / self.LOCK)
+        check(self._lock is not False, f"{self.path} is being trained by another process")
+        for tmp in [*self.path.glob(f".*{TMP_SUFFIX}"), *self.checkpoints.glob(f".*{TMP_SUFFIX}")]:
+            tmp.unlink()  # a kill during an atomic write leaves its temp file
+        if state is None:  # a new run, or one that failed before its first checkpoint
+            for stale in [*self.path.glob("events.out.tfevents.*"), *self.checkpoints.glob("*.pt"),
+                          self.path / "metrics.jsonl"]:
+                stale.unlink(missing_ok=True)
+        atomic_write_text(self.path / "config.json", json.dumps(config, indent=2) + "\n")
+        history = [] if state is None else state["history"]
+        self._write_metrics(history)
+        if state is not None:
+            self._repair_best(state, fork_source)
+        from torch.utils.tensorboard import SummaryWriter  # slow to import: only where used
+        # Events past the checkpoint are redone by this run; its own step's stay.
+        self.writer = SummaryWriter(str(self.path), purge_step=None if state is None else state["step"] + 1)
+        if state is None:
+            self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
+            self._log_hparams(config)
+
+    def _write_metrics(self, history: list[dict]) -> None:
+        atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+
+    def _repair_best(self, state: dict, fork_source: Path | None) -> None:
+        """Make best.pt the state at the end of the history's best epoch, where one has it."""
+        best = best_epoch(state["history"])
+        target = self.checkpoints / "best.pt"
+        candidates = [target] + ([fork_source / "checkpoints" / "best.pt"] if fork_source else [])
+        for path in candidates:
+            if path.is_file() and is_end_of(load_checkpoint(path), best):
+                if path != target:
+                    atomic_save(load_checkpoint(path), target)
+                return
+        if is_end_of(state, best):
+            atomic_save(state, target)
+        else:
+            target.unlink(missing_ok=True)
+
+    def _log_hparams(self, config: dict) -> None:
+        """The run's settings for TensorBoard's HParams dashboard; its metrics are the
+        val/* scalars logged every epoch."""
+        from torch.utils.tensorboard.summary import hparams
+        keys = ("arch", "batch_size", "lr", "optimizer", "weight_decay", "schedule", "warmup",
+                "loss", "clip", "amp", "epochs", "epoch_size", "seed")
+        settings = {k: config[k] if isinstance(config[k], (int, float, str, bool)) else str(config[k])
+                    for k in keys}
+        metrics = {f"val/{k}": 0.0 for k in ("loss", *METRIC_NAMES)}
+        for summary in hparams(settings, metrics):
+            self.writer.file_writer.add_summary(summary)
+
+    def log(self, step: int, scalars: dict, picture=None) -> None:
+        if not self.lead:
+            return
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+        if picture is not None:  # once an epoch: write the epoch's events out
+            self.writer.add_image("val/input_truth_prediction", picture, step,
+                                  dataformats="HW" if picture.ndim == 2 else "HWC")
+            self.writer.flush()
+
+    def save(self, state: dict, improved: bool = False) -> None:
+        """last.pt, then best.pt, then metrics.jsonl: a kill between two of them is repaired
+        by `open` from last.pt."""
+        if not self.lead:
+            return
+        atomic_save(state, self.checkpoints / "last.pt")
+        if improved:
+            atomic_save(state, self.checkpoints / "best.pt")
+        self._write_metrics(state["history"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self._lock:
+            self._lock.close()
+
+
+def best_epoch(history: list[dict]) -> int | None:
+    """The finished epoch with the lowest val_loss (the first of equals), or None."""
+    return min(history, key=lambda r: r["val_loss"])["epoch"] if history else None
+
+
+def is_end_of(state: dict, epoch: int | None) -> bool:
+    return epoch is not None and state.get("epoch") == epoch and not state.get("position", 0)
+
+
+# ----------------------------------------------------------------------------------------
+# Training state: what a checkpoint holds
 
 class EarlyStopping:
     def __init__(self, patience: int):
@@ -307,257 +584,324 @@ class EarlyStopping:
         self.best, self.bad_epochs = state["best"], state["bad_epochs"]
 
 
-@torch.no_grad()
-def validate(model: nn.Module, loader: DataLoader, device, amp_ctx, frames_output: int):
-    """Mean per-pixel MSE (the training loss) and the field's metrics on a fixed set.
-
-    Under torchrun each process scores its shard and the sums are all-reduced, so the
-    result equals one process scoring the whole set.
-    Returns (val_loss, metrics dict, this process's first batch (inputs, targets, preds)).
-    """
-    model.eval()
-    metrics = MetricAccumulator(frames_output)
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (squared error, pixels)
-    first = None
-    for inputs, targets in loader:
-        inputs, targets = inputs.to(device), targets.to(device)
-        with amp_ctx:
-            pred = model(inputs, frames_output=frames_output)
-        pred = pred.float()
-        sums[0] += F.mse_loss(pred, targets, reduction="sum").double()
-        sums[1] += targets.numel()
-        metrics.update(pred, targets)
-        if first is None:
-            first = (inputs.cpu(), targets.cpu(), pred.cpu())
-    model.train()
-    sums = all_sum(sums)
-    metrics.load_tensor(all_sum(metrics.as_tensor()))
-    return (sums[0] / sums[1]).item(), metrics.compute(), first
+def lr_factor(schedule: str, warmup: float, step: int, total: int) -> float:
+    """The LR as a share of the peak --lr after `step` optimizer steps of `total`."""
+    progress = min(step / max(total, 1), 1.0)
+    if schedule == "onecycle":  # Smith & Topin 2019: cosine up from peak/25, down to peak/25e4
+        if progress < warmup:
+            return 1 / 25 + (1 - 1 / 25) * (1 - math.cos(math.pi * progress / warmup)) / 2
+        down = (progress - warmup) / (1 - warmup)
+        return 1 / 25e4 + (1 - 1 / 25e4) * (1 + math.cos(math.pi * down)) / 2
+    if progress < warmup:  # cosine: linear warm-up from 0, then a half cosine to 0
+        return (step + 1) / (warmup * total + 1)
+    return (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup))) / 2
 
 
-def append_metrics(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+class Trainer:
+    """Model, optimizer, LR schedule, early stopping and the position in the run: the
+    state a checkpoint holds, and the one optimisation step."""
 
+    def __init__(self, config: dict, model: torch.nn.Module, steps_per_epoch: int,
+                 device: torch.device):
+        self.config, self.model, self.device = config, model, device
+        decay = config["weight_decay"]
+        opt = torch.optim.AdamW if config["optimizer"] == "adamw" else torch.optim.Adam
+        self.optimizer = opt(model.parameters(), lr=config["lr"], weight_decay=decay)
+        self.total_steps = config["epochs"] * steps_per_epoch
+        if config["schedule"] == "plateau":  # factor 0.5 and patience 4, as in the original repo
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=0.5,
+                                                                        patience=4)
+        else:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, lambda s: lr_factor(config["schedule"], config["warmup"], s,
+                                                    self.total_steps))
+        self.stopper = EarlyStopping(config["patience"])
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config["amp"] == "fp16")
+        self.epoch, self.position, self.step, self.history = 0, 0, 0, []
+        self.loss_sum = torch.zeros((), device=device)  # this epoch's losses, summed on the device
 
-def truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Drop lines written after the checkpoint we resume from (a crash between the two)."""
-    if not path.exists():
-        return
-    lines = [l for l in path.read_text().splitlines() if l.strip()]
-    kept = [l for l in lines if json.loads(l)["epoch"] <= epochs_done]
-    if len(kept) != len(lines):
-        atomic_write(path, "".join(l + "\n" for l in kept))
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train_step(self, model, inputs, targets, amp_ctx) -> None:
+        self.loss_sum += train_step(model, self.optimizer, self.scaler, inputs, targets, amp_ctx,
+                                    self.config["clip"], self.config["loss"])
+        if self.config["schedule"] != "plateau":
+            self.scheduler.step()
+        self.step += 1
+
+    def end_epoch(self, record: dict) -> bool:
+        """Record a finished epoch; True if its val loss is the best so far."""
+        improved = self.stopper.update(record["val_loss"])
+        if self.config["schedule"] == "plateau":
+            self.scheduler.step(record["val_loss"])
+        self.history.append({**record, "lr": self.lr})
+        self.epoch, self.position = self.epoch + 1, 0
+        self.loss_sum.zero_()
+        return improved
+
+    def state_dict(self, epoch_losses: list[float]) -> dict:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "early_stopping": self.stopper.state_dict(),
+            "scaler": self.scaler.state_dict(), "epoch": self.epoch, "position": self.position,
+            "step": self.step, "epoch_losses": epoch_losses, "history": self.history,
+            "rng": rng_state(), "config": self.config,
+        }
+
+    def load_state_dict(self, state: dict, rank: int, world: int) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stopper.load_state_dict(state["early_stopping"])
+        self.stopper.patience = self.config["patience"]
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.position, self.history = state.get("position", 0), state.get("history", [])
+        losses = state.get("epoch_losses") or [0.0]
+        # Each process's own running sum where the process count is unchanged (exact).
+        own = losses[rank] if len(losses) == world else (sum(losses) if rank == 0 else 0.0)
+        self.loss_sum.fill_(own)
+
+    def set_peak_lr(self, lr: float) -> None:
+        """A new --lr on resume: the schedule goes on from its position at the new peak."""
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = lr
+            group["lr"] = lr if self.config["schedule"] == "plateau" else \
+                lr * lr_factor(self.config["schedule"], self.config["warmup"], self.step, self.total_steps)
+        if self.config["schedule"] != "plateau":
+            self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
 
 
 # ----------------------------------------------------------------------------------------
+# Stopping early: Ctrl-C, SIGTERM and the time budget
 
-def load_run(args, given: set[str]) -> tuple[dict, dict | None, str | None]:
-    """(config, checkpoint or None, run folder or None) from the flags."""
-    if not args.resume:
-        return resolve_config(args), None, args.out_dir
-    path = find_resume_checkpoint(args.resume, args.out_dir)
-    checkpoint = load_checkpoint(path)
-    config = checkpoint["config"]
-    fixed = sorted(given - set(RESUMABLE) - {"resume", "out_dir"})
-    if fixed:
-        raise SystemExit(f"error: --{fixed[0].replace('_', '-')} can't change on --resume "
-                         f"(the run's config.json fixes it); start a new run instead")
-    config.update({k: getattr(args, k) for k in RESUMABLE if k in given})
-    return config, checkpoint, str(path.parent.parent)
+class StopRequest:
+    """Ctrl-C or SIGTERM ask the loop to stop after the current step and save where it is;
+    a second Ctrl-C stops at once."""
 
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        self._old = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM after saving; the message says how to resume."""
+
+
+# ----------------------------------------------------------------------------------------
+# Validation
+
+def validate(model, loader, device, amp_ctx, frames_output: int) -> tuple[float, dict, tuple]:
+    """Mean per-pixel MSE (the training loss) and the field's metrics on the fixed set.
+
+    Under torchrun each process scores its shard and the sums are all-reduced, so the
+    result equals one process scoring the whole set. Returns (val_loss, metrics, this
+    process's first batch (inputs, targets, predictions)).
+    """
+    scores = score(model, loader, device, amp_ctx, frames_output)
+    metrics = scores.metrics["model"]
+    metrics.load_tensor(all_sum(metrics.as_tensor()))
+    loss = all_sum(scores.loss_sums)
+    return (loss[0] / loss[1]).item(), metrics.compute(), scores.first_batch
+
+
+def check_finite(value: float, what: str, step: int, run: RunFolder, trainer: Trainer) -> None:
+    if math.isfinite(value):
+        return
+    saved = (f"{run.checkpoints / 'last.pt'} holds epoch {trainer.epoch} (step {trainer.step - 1} "
+             f"at most); resume with a lower --lr: python main.py --resume {run.path} --lr LR"
+             if has_checkpoint(run.path) else
+             f"nothing was saved, so the same command with a lower --lr starts {run.path} again")
+    raise UsageError(f"{what} is {value} at step {step}; stopped without saving. {saved}. "
+                     f"Or use --amp none / bf16 instead of fp16")
+
+
+# ----------------------------------------------------------------------------------------
+# The loop
 
 def main(argv=None) -> dict:
     args, given = parse_args(argv)
-    config, checkpoint, run_dir = load_run(args, given)
+    config, run_dir, checkpoint, fork_source = plan_run(args, given)
     rank, world, device = init_distributed(config["device"])
     try:
-        return train(config, checkpoint, run_dir, rank, world, device)
+        amp = config["precision"] = resolve_amp(config["amp"], device)
+        check(config["conv"] == "direct" or amp == "none",
+              f"--conv winograd runs in fp32 only, not under --amp {amp}; add --amp none")
+        if config["workers"] is None:
+            config["workers"] = min(8, (os.cpu_count() or 1) // world) if device.type == "cuda" else 1
+        train_set, val_set = rank0_first(rank, make_datasets, config)
+        B = config["batch_size"]
+        check(len(train_set) >= B * world,
+              f"an epoch of {len(train_set)} sequences gives no full batch of {B} x {world} "
+              f"process(es); lower --batch-size or raise --epoch-size")
+        if run_dir is None:
+            run_dir = broadcast(new_run_dir(config["arch"]) if rank == 0 else None, rank)
+        config["world_size"] = world
+        memory_format = configure_process(device)
+        return train(config, RunFolder(run_dir, rank == 0), checkpoint, fork_source, train_set,
+                     val_set, rank, world, device, memory_format, amp)
     finally:
         if dist.is_initialized():
-            # The DDP wrapper sits in reference cycles (the training loop's closures); free
-            # it while its process group lives, or its threads die at interpreter exit
-            # ("terminate called without an active exception").
+            # The DDP wrapper sits in reference cycles; free it while its process group
+            # lives, or its threads die at interpreter exit.
             gc.collect()
-            dist.barrier()  # no process leaves while another still talks to it
+            dist.barrier()
             dist.destroy_process_group()
 
 
-def train(config: dict, checkpoint: dict | None, run_dir: str | None, rank: int, world: int,
-          device: torch.device) -> dict:
-    """The training loop. Only rank 0 writes files and draws progress bars."""
+def new_run_dir(arch: str) -> Path:
+    base = Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{arch}"
+    run_dir, n = base, 1
+    while run_dir.exists():  # two runs in one second: never share a folder
+        n += 1
+        run_dir = base.with_name(f"{base.name}-{n}")
+    return run_dir.resolve()
+
+
+def train(config, run, state, fork_source, train_set, val_set, rank, world, device,
+          memory_format, amp) -> dict:
+    """Epochs of steps, validation and checkpoints, until the epochs, early stopping, the
+    time budget or Ctrl-C end them. Only rank 0 writes files and draws progress bars."""
     lead = rank == 0
     log = tqdm.write if lead else (lambda *a, **k: None)
-
     seed_everything(config["seed"])
-    raw_model = build_model(config["model"]).to(device)
-    if device.type == "cpu":
-        # Measured by bench.py on CPU: channels_last convolutions are 2-3% faster end to
-        # end, and keeping freed memory saves re-faulting the activations every step (4-8%).
-        raw_model.to(memory_format=torch.channels_last)
-        keep_freed_memory()
-    conv = resolve_conv_algorithm(config.get("conv", "auto"), device, config["amp"])
-    set_conv_algorithm(raw_model, conv)
-    log(f"cell convolutions: {conv}")
-    model = torch.compile(raw_model) if config["compile"] else raw_model
-    eval_model = model  # validation runs per shard, outside DDP's gradient hooks
-    if world > 1:
-        model = DDP(model, device_ids=[device] if device.type == "cuda" else None)
-    optimizer = torch.optim.Adam(raw_model.parameters(), lr=config["lr"])
-    # factor 0.5 and patience 4, as in the original repo
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=4)
-    stopper = EarlyStopping(config["patience"])
-    scaler = torch.amp.GradScaler(device.type, enabled=config["amp"] == "fp16")
-    amp_ctx = autocast_context(device, config["amp"])
-    start_epoch, step = 0, 0
-    if checkpoint is not None:
-        raw_model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        stopper.load_state_dict(checkpoint["early_stopping"])
-        stopper.patience = config["patience"]
-        if checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint["rng"])
-        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
-
-    if world > 1 and not lead:
-        dist.barrier()  # rank 0 downloads missing data first, alone
-    train_set, val_set = make_datasets(config)
-    if world > 1 and lead:
-        dist.barrier()
-    # The folder comes last, so a bad preset or missing data leaves no empty run behind.
-    if checkpoint is None:
-        run_dir = on_rank0(rank, lambda: str(new_run_dir(run_dir, config["arch"])))
-    run_dir = Path(run_dir)
-    config["world_size"] = world
-    if lead:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
-    if checkpoint is not None:
-        if lead:
-            truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
-        log(f"resuming {run_dir} at epoch {start_epoch}, step {step}")
-    bs, fo = config["batch_size"], config["frames_output"]
-    loader_kw = dict(batch_size=bs, num_workers=config["workers"],
-                     pin_memory=device.type == "cuda")
+    model = build_model(config["model"]).to(device, memory_format=memory_format)
+    if config["conv"] == "winograd":
+        from tools.winograd import use_winograd  # opt-in: tools/winograd.py, docs/speed.md
+        use_winograd(model)
+    runnable = torch.compile(model) if config["compile"] else model
+    ddp = DDP(runnable, device_ids=[device] if device.type == "cuda" else None) if world > 1 else runnable
+    B, fo = config["batch_size"], config["frames_output"]
+    steps_per_epoch = len(train_set) // (B * world)
+    trainer = Trainer(config, model, steps_per_epoch, device)
+    if state is not None:
+        trainer.load_state_dict(state, rank, world)
+        if state["config"]["lr"] != config["lr"]:  # a new --lr on resume
+            trainer.set_peak_lr(config["lr"])
+    run.open(config, state, fork_source)
+    sampler = EpochSampler()
+    loader_kw = dict(num_workers=config["workers"], pin_memory=device.type == "cuda",
+                     persistent_workers=config["workers"] > 0, batch_size=B)
+    train_loader = DataLoader(train_set, sampler=sampler, **loader_kw)
     val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), **loader_kw)
-
-    writer = None
-    if lead:
-        from torch.utils.tensorboard import SummaryWriter  # slow to import: only where used
-        writer = SummaryWriter(str(run_dir), purge_step=step if checkpoint is not None else None)
-        if checkpoint is None:
-            writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
-    log(f"run {run_dir}: {config['arch']} ({count_parameters(raw_model):,} parameters) on "
-        f"{world} x {device}, batch {bs}{f' per process, {bs * world} in all' if world > 1 else ''}, "
-        f"lr {config['lr']:g}, amp {config['amp']}")
-
-    def save(name: str, epoch: int) -> None:
-        atomic_save({
-            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "early_stopping": stopper.state_dict(),
-            "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "rng": rng_state(),
-            "config": config,
-        }, run_dir / "checkpoints" / name)
-
-    budget_s = None if config["time_budget"] is None else 60 * config["time_budget"]
-    trained_s, result, log_every = 0.0, {}, max(1, config["log_every"])
-    epochs = tqdm(range(start_epoch, config["epochs"]), desc="epochs", initial=start_epoch,
-                  total=config["epochs"], dynamic_ncols=True, disable=not lead)
-    for epoch in epochs:
-        t0 = time.time()
-        indices = epoch_indices(train_set, config, epoch, rank, world)
-        if not indices:
-            raise SystemExit(f"error: an epoch of {len(train_set)} sequences gives no full "
-                             f"batch of {bs} x {world} processes; lower --batch-size or raise "
-                             f"--epoch-size")
-        loader = DataLoader(train_set, sampler=indices, **loader_kw)
-        loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
-        logged, steps, out_of_time = torch.zeros(2, dtype=torch.float64), 0, False
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
-                   disable=not lead)
-        for inputs, targets in bar:
-            inputs = inputs.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            loss = train_step(model, optimizer, scaler, inputs, targets, amp_ctx, config["clip"])
-            loss_sum += loss
-            step, steps = step + 1, steps + 1
-            if steps % log_every == 0 or steps == len(loader):
-                # One sync per log: the loss summed over processes, and whether any is out
-                # of time, so that every process stops at the same step.
-                late = budget_s is not None and trained_s + time.time() - t0 > budget_s
-                now = all_sum(torch.stack([loss_sum.double().cpu(), torch.tensor(float(late), dtype=torch.float64)]))
-                window = (now[0] - logged[0]).item() / (world * (steps - logged[1].item()))
-                check_finite(window, step, run_dir)
-                if lead:
-                    writer.add_scalar("train/loss", window, step)
-                    bar.set_postfix(loss=f"{window:.5f}",
-                                    seq_s=f"{steps * bs * world / (time.time() - t0):.1f}")
-                logged = torch.tensor([now[0].item(), steps], dtype=torch.float64)
-                if now[1] > 0:
-                    out_of_time = True
+    amp_ctx = autocast_context(device, amp)
+    log(f"run {run.path}: {config['arch']} ({count_parameters(model):,} parameters) on {world} x "
+        f"{device}, batch {B}{f' per process' if world > 1 else ''}, lr {config['lr']:g} "
+        f"({config['schedule']}), amp {amp}" + (f", resuming at epoch {trainer.epoch + 1}, "
+                                                 f"step {trainer.step}" if state else ""))
+    deadline = None if config["time_budget"] is None else time.time() + 60 * config["time_budget"]
+    result, first_epoch = (trainer.history[-1] if trainer.history else {}), trainer.epoch
+    with StopRequest() as stop:
+        while trainer.epoch < config["epochs"]:
+            if trainer.epoch > first_epoch and deadline is not None and agree(time.time() > deadline):
+                log(f"time budget of {config['time_budget']:g} min reached after epoch {trainer.epoch}")
+                break
+            t0 = time.time()
+            order = epoch_order(train_set, config, trainer.epoch)
+            sampler.indices = rank_share(order[trainer.position:], B, rank, world)
+            why = train_epoch(trainer, ddp, train_loader, amp_ctx, run, rank, world, stop, deadline)
+            if why:
+                run.save(trainer.state_dict(gather_losses(trainer, rank, world)))
+                message = (f"stopped by {why} at epoch {trainer.epoch + 1}, step {trainer.step}; "
+                           f"saved {run.checkpoints / 'last.pt'}; continue with the same command "
+                           f"and --resume, or: python main.py --resume {run.path}")
+                if why == "the time budget":
+                    log(message)
                     break
-        bar.close()
-        train_loss = logged[0].item() / (world * logged[1].item())
-        trained_s += time.time() - t0
-
-        val_loss, metrics, (v_in, v_tgt, v_pred) = validate(eval_model, val_loader, device,
-                                                            amp_ctx, fo)
-        check_finite(val_loss, step, run_dir, what="validation loss")
-        improved = stopper.update(val_loss)
-        scheduler.step(val_loss)
-        lr = optimizer.param_groups[0]["lr"]
-        seconds = time.time() - t0
-        result = {"epoch": epoch + 1, "step": step, "train_loss": train_loss,
-                  "val_loss": val_loss, **{k: metrics[k] for k in METRICS},
-                  "lr": lr, "seconds": round(seconds, 2)}
-        if lead:
-            writer.add_scalar("train/epoch_loss", train_loss, step)
-            writer.add_scalar("val/loss", val_loss, step)
-            for k in METRICS:
-                writer.add_scalar(f"val/{k}", metrics[k], step)
-            writer.add_scalar("lr", lr, step)
-            writer.add_image("val/input_truth_prediction", prediction_grid(v_in, v_tgt, v_pred),
-                             step, dataformats="HW" if v_in.shape[2] == 1 else "HWC")
-            writer.flush()
-            # Checkpoints first, then the metrics line: resume drops lines past its checkpoint.
-            save("last.pt", epoch + 1)
-            if improved:
-                save("best.pt", epoch + 1)
-            append_metrics(run_dir / "metrics.jsonl", result)
-        log(f"epoch {epoch + 1}/{config['epochs']}  train {train_loss:.5f}  val {val_loss:.5f}  "
-            f"mse {metrics['mse']:.1f}  mae {metrics['mae']:.1f}  ssim {metrics['ssim']:.4f}  "
-            f"psnr {metrics['psnr']:.2f}  lr {lr:.2g}  {seconds:.0f}s"
-            f"{'  *best' if improved else ''}")
-        if stopper.should_stop:
-            log(f"early stopping: no better val loss for {stopper.patience} epochs")
-            break
-        if out_of_time:
-            log(f"time budget of {config['time_budget']:g} min reached")
-            break
-    epochs.close()
-    if lead:
-        writer.close()
+                run.close()
+                raise Interrupted(message)
+            val_loss, metrics, first = validate(runnable, val_loader, device, amp_ctx, fo)
+            check_finite(val_loss, "the validation loss", trainer.step, run, trainer)
+            record = {"epoch": trainer.epoch + 1, "step": trainer.step,
+                      "train_loss": sum(gather_losses(trainer, rank, world)) / (world * steps_per_epoch),
+                      "val_loss": val_loss, **{k: metrics[k] for k in METRIC_NAMES}}
+            improved = trainer.end_epoch({**record, "seconds": round(time.time() - t0, 2)})
+            result = trainer.history[-1]
+            run.save(trainer.state_dict([0.0] * world), improved)
+            run.log(trainer.step, {"train/epoch_loss": record["train_loss"], "val/loss": val_loss,
+                                   **{f"val/{k}": metrics[k] for k in METRIC_NAMES}, "lr": trainer.lr},
+                    prediction_grid(*first) if lead else None)
+            log(f"epoch {result['epoch']}/{config['epochs']}  train {result['train_loss']:.5f}  "
+                f"val {val_loss:.5f}  mse {metrics['mse']:.1f}  ssim {metrics['ssim']:.4f}  "
+                f"lr {trainer.lr:.2g}  {result['seconds']:.0f}s{'  *best' if improved else ''}")
+            if trainer.stopper.should_stop:
+                log(f"early stopping: no better val loss for {trainer.stopper.patience} epochs")
+                break
+    run.close()
     return result
 
 
-def check_finite(value: float, step: int, run_dir: Path, what: str = "training loss") -> None:
-    if not math.isfinite(value):
-        raise SystemExit(
-            f"error: {what} is {value} at step {step}; stopped without saving, so "
-            f"{run_dir / 'checkpoints' / 'last.pt'} still holds the last good epoch. "
-            f"Lower --lr, or use --amp none / bf16 instead of fp16, then --resume")
+def agree(*flags: bool):
+    """Each flag is true on every process if it is true on any (a no-op in one process)."""
+    total = all_sum(torch.tensor([float(f) for f in flags], dtype=torch.float64))
+    result = [bool(v > 0) for v in total.tolist()]
+    return result[0] if len(result) == 1 else result
 
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+def gather_losses(trainer: Trainer, rank: int, world: int) -> list[float]:
+    """Every process's running loss sum of the epoch (float32 values, exactly)."""
+    own = torch.zeros(world, dtype=torch.float64)
+    own[rank] = trainer.loss_sum.double().cpu()
+    return all_sum(own).tolist()
+
+
+def train_epoch(trainer: Trainer, model, loader, amp_ctx, run: RunFolder, rank: int, world: int,
+                stop: StopRequest, deadline: float | None) -> str | None:
+    """Train the rest of the current epoch. Returns why it stopped early, or None at its end.
+
+    The device syncs only every --log-every steps (and at the epoch's last step): then the
+    loss is logged, and all processes agree whether to stop (budget or signal), so that
+    they stop at the same step.
+    """
+    config, B = trainer.config, trainer.config["batch_size"]
+    device, log_every = trainer.device, config["log_every"]
+    steps = len(loader)
+    logged = (trainer.step, float(sum(gather_losses(trainer, rank, world))))
+    t0 = time.time()
+    bar = tqdm(loader, desc=f"epoch {trainer.epoch + 1}", leave=False, dynamic_ncols=True,
+               disable=rank != 0)
+    for k, (inputs, targets) in enumerate(bar, start=1):
+        inputs = inputs.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        trainer.train_step(model, inputs, targets, amp_ctx)
+        trainer.position += B * world
+        if k % log_every and k != steps and not (world == 1 and stop.signal):
+            continue
+        late, signalled = agree(deadline is not None and time.time() > deadline,
+                                stop.signal is not None)
+        total = sum(gather_losses(trainer, rank, world))
+        window = (total - logged[1]) / (world * (trainer.step - logged[0]))
+        check_finite(window, "the training loss", trainer.step, run, trainer)
+        run.log(trainer.step, {"train/loss": window, "train/lr": trainer.lr})
+        bar.set_postfix(loss=f"{window:.5f}", seq_s=f"{k * B * world / (time.time() - t0):.1f}")
+        logged = (trainer.step, total)
+        if signalled or (late and k != steps):
+            bar.close()
+            return (stop.signal or "a signal") if signalled else "the time budget"
+    bar.close()
+    return None
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as e:  # bad presets, data files, flags: the message says the fix
-        sys.exit(f"error: {e}")
+    sys.exit(run_cli(main))

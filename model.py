@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -9,58 +11,91 @@ from ConvRNN import CELLS
 from decoder import Forecaster
 from encoder import Encoder
 from net_params import Conv, Preset, get_preset
+from utils import UsageError
 
 FIX = "fix net_params.py"
 
 
 def _check_conv(where: str, spec: Conv) -> None:
     if spec.in_channels < 1 or spec.out_channels < 1 or spec.stride < 1:
-        raise ValueError(f"{where}: channels and stride must be >= 1, got {spec}; {FIX}")
+        raise UsageError(f"{where}: channels and stride must be >= 1, got {spec}; {FIX}")
     if spec.transposed:
         if spec.kernel < spec.stride or (spec.kernel - spec.stride) % 2:
-            raise ValueError(
+            raise UsageError(
                 f"{where}: a transposed conv with stride {spec.stride} needs kernel - stride "
                 f"even and >= 0 to upsample exactly, got kernel {spec.kernel} "
                 f"(e.g. kernel {spec.stride + 2}); {FIX}")
     elif spec.kernel % 2 == 0:
-        raise ValueError(f"{where}: kernel {spec.kernel} is even; convs need odd kernels "
+        raise UsageError(f"{where}: kernel {spec.kernel} is even; convs need odd kernels "
                          f"for 'same' padding; {FIX}")
 
 
-def validate(preset: Preset) -> None:
-    """Raise ValueError naming the stage and the mismatch if the preset cannot be built."""
+HEAD_ACTIVATIONS = (None, "leaky")  # see Preset.head_activation
+NORMS = (None, "none", "group")      # see ConvRNN._norm
+
+
+def _check_cell_options(preset: Preset) -> None:
+    """The cell's keyword-only constructor arguments are its options; the preset sets norm."""
+    if not isinstance(preset.cell_options, dict):
+        raise UsageError(f"cell_options must be a dict of cell keyword arguments, got "
+                         f"{preset.cell_options!r}; {FIX}")
+    signature = inspect.signature(CELLS[preset.cell].__init__)
+    options = [name for name, p in signature.parameters.items()
+               if p.kind is p.KEYWORD_ONLY and name != "norm"]
+    for key in preset.cell_options:
+        if key == "norm":
+            raise UsageError(f"cell_options: set the norm with the preset's norm field, not in "
+                             f"cell_options; {FIX}")
+        if key not in options and options:
+            raise UsageError(f"cell_options: {preset.cell} cells take no option {key!r}; "
+                             f"their options are {', '.join(options)} (norm is the preset's "
+                             f"own field); {FIX}")
+        if key not in options:
+            raise UsageError(f"cell_options: {preset.cell} cells take no options, got {key!r} "
+                             f"(norm is the preset's own field); {FIX}")
+
+
+def check_preset(preset: Preset) -> None:
+    """Raise UsageError naming the stage or field and the mismatch if the preset can't be built."""
     if preset.cell not in CELLS:
-        raise ValueError(f"unknown cell {preset.cell!r}; known cells: "
+        raise UsageError(f"unknown cell {preset.cell!r}; known cells: "
                          f"{', '.join(sorted(CELLS))}; {FIX}")
+    _check_cell_options(preset)
+    if preset.norm not in NORMS:
+        raise UsageError(f"norm {preset.norm!r} is unknown; use 'group' or None; {FIX}")
+    if preset.head_activation not in HEAD_ACTIVATIONS:
+        raise UsageError(f"head_activation {preset.head_activation!r} is unknown; use 'leaky' "
+                         f"(LeakyReLU(0.2) after the head's last conv, as the original repo) "
+                         f"or None (the raw conv output); {FIX}")
     if preset.cell_kernel < 1 or preset.cell_kernel % 2 == 0:
-        raise ValueError(f"cell_kernel {preset.cell_kernel} is even; cells need odd kernels "
+        raise UsageError(f"cell_kernel {preset.cell_kernel} is even; cells need odd kernels "
                          f"for 'same' padding; {FIX}")
     if not preset.stages:
-        raise ValueError(f"a preset needs at least one stage; {FIX}")
+        raise UsageError(f"a preset needs at least one stage; {FIX}")
     if not preset.head:
-        raise ValueError(f"the head needs at least one conv to make frames; {FIX}")
+        raise UsageError(f"the head needs at least one conv to make frames; {FIX}")
     size, channels, source = preset.image_size, preset.frame_channels, "the frames have"
     for k, stage in enumerate(preset.stages, start=1):
         name = f"stage {k}"
         _check_conv(f"{name} down", stage.down)
         _check_conv(f"{name} up", stage.up)
         if stage.down.in_channels != channels:
-            raise ValueError(f"{name}: down conv expects {stage.down.in_channels} input channels "
+            raise UsageError(f"{name}: down conv expects {stage.down.in_channels} input channels "
                              f"but {source} {channels}; {FIX}")
         if stage.hidden < 1:
-            raise ValueError(f"{name}: hidden must be >= 1, got {stage.hidden}; {FIX}")
+            raise UsageError(f"{name}: hidden must be >= 1, got {stage.hidden}; {FIX}")
         if stage.up.in_channels != stage.hidden:
-            raise ValueError(f"{name}: up block expects {stage.up.in_channels} input channels "
+            raise UsageError(f"{name}: up block expects {stage.up.in_channels} input channels "
                              f"but the stage's cell gives {stage.hidden}; {FIX}")
         if stage.up.stride > 1 and not stage.up.transposed:
-            raise ValueError(f"{name}: a stride-{stage.up.stride} up block must be "
+            raise UsageError(f"{name}: a stride-{stage.up.stride} up block must be "
                              f"transposed=True to upsample; {FIX}")
         if stage.up.stride != stage.down.stride:
-            raise ValueError(f"{name}: up stride {stage.up.stride} must mirror down stride "
+            raise UsageError(f"{name}: up stride {stage.up.stride} must mirror down stride "
                              f"{stage.down.stride} so the forecaster's sizes meet the "
                              f"encoder's; {FIX}")
         if size % stage.down.stride:
-            raise ValueError(f"{name}: stride {stage.down.stride} does not divide the "
+            raise UsageError(f"{name}: stride {stage.down.stride} does not divide the "
                              f"{size}x{size} map it gets (image_size {preset.image_size}); "
                              f"change the stride or the image size")
         size //= stage.down.stride
@@ -70,27 +105,28 @@ def validate(preset: Preset) -> None:
     for j, spec in enumerate(preset.head, start=1):
         _check_conv(f"head conv {j}", spec)
         if spec.stride != 1 or spec.transposed:
-            raise ValueError(f"head conv {j}: the head keeps the frame size; use stride 1, "
+            raise UsageError(f"head conv {j}: the head keeps the frame size; use stride 1, "
                              f"not transposed; {FIX}")
         if spec.in_channels != channels:
-            raise ValueError(f"head conv {j}: expects {spec.in_channels} input channels but "
+            raise UsageError(f"head conv {j}: expects {spec.in_channels} input channels but "
                              f"{source} gives {channels}; {FIX}")
         channels, source = spec.out_channels, f"head conv {j}"
     if channels != preset.frame_channels:
-        raise ValueError(f"the head's last conv makes {channels} channels but frames have "
+        raise UsageError(f"the head's last conv makes {channels} channels but frames have "
                          f"{preset.frame_channels}; {FIX}")
 
 
 class EncoderForecaster(nn.Module):
     """(B, T_in, C, H, W) frames in [0, 1] -> (B, T_out, C, H, W) predicted frames.
 
-    The output is the raw last conv (no squashing), which the MSE loss and the
-    MSE/MAE metrics use as is.
+    The output is the head's last conv, followed by LeakyReLU(0.2) where the preset's
+    head_activation is "leaky"; never squashed to [0, 1]. The MSE loss and the MSE/MAE
+    metrics use it as is.
     """
 
     def __init__(self, preset: Preset):
         super().__init__()
-        validate(preset)
+        check_preset(preset)
         self.preset = preset
         self.encoder = Encoder(preset)
         self.forecaster = Forecaster(preset)

@@ -1,22 +1,69 @@
-"""Helpers shared by main.py and evaluate.py: metrics, pictures, checkpoints, devices.
+"""Helpers shared by main.py, evaluate.py and tools/: errors, metrics, the evaluation loop,
+the training step, pictures, files, devices.
 
 Nothing here runs at import time. Video tensors are (B, T, C, H, W) with values in [0, 1].
 """
 
+from __future__ import annotations
+
+import argparse
+import contextlib
 import ctypes
 import os
+import sys
+import time
 import uuid
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from skimage.metrics import structural_similarity
 
 # ---------------------------------------------------------------------------------------
-# Metrics
+# Errors and command lines
 # ---------------------------------------------------------------------------------------
 
-METRIC_NAMES = ("mse", "mae", "ssim", "psnr")  # row order of MetricAccumulator.totals
+
+class UsageError(ValueError):
+    """Something the user can fix: a flag, a file, a preset. The CLIs print it as one line.
+
+    Any other exception is a bug and keeps its traceback.
+    """
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing usage and exiting with 2."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
+def run_cli(main, argv=None) -> int:
+    """Run a CLI's main(argv): user errors become one `error: ...` line and exit code 1."""
+    try:
+        main(sys.argv[1:] if argv is None else argv)
+    except (UsageError, OSError) as err:  # OSError: a path the user named can't be read or written
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:  # main.py's message says how to resume
+        print(f"interrupted: {err}" if str(err) else "interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise UsageError(message) unless condition holds."""
+    if not condition:
+        raise UsageError(message)
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics (docs/metrics.md)
+# ---------------------------------------------------------------------------------------
+
+METRIC_NAMES = ("mse", "mae", "ssim", "psnr", "ssim_openstl")  # rows of MetricAccumulator.totals
 
 # PSNR of a perfect frame is infinite; clamping its MSE caps it at 100 dB, so one
 # exact frame cannot turn a whole test-set average into inf.
@@ -26,21 +73,23 @@ SSIM_WINDOW = 7  # scikit-image's default window, which published SSIM figures u
 
 
 class MetricAccumulator:
-    """Running per-frame sums of MSE, MAE, SSIM and PSNR, as OpenSTL and PredRNN report them.
+    """Running per-frame sums of the field's metrics (docs/metrics.md has the sources).
 
     For each predicted frame (values in [0, 1]):
       - mse, mae: SUM over pixels and channels of squared / absolute error, on raw
-        (unclipped) predictions, so a model is charged for values outside [0, 1].
+        (unclipped) predictions, as OpenSTL computes them.
       - ssim: skimage.metrics.structural_similarity(pred, true, data_range=1.0) with its
-        default 7x7 window, on predictions clipped to [0, 1].
+        default 7x7 window, on predictions clipped to [0, 1]: PredRNN's convention.
+      - ssim_openstl: the same on float32 frames with data_range=2.0: what OpenSTL's table
+        reports (scikit-image <= 0.19 took the range of a float image as (-1, 1)).
       - psnr: 10 * log10(1 / per-pixel mean squared error), on clipped predictions; the
         MSE is clamped to PSNR_MIN_MSE, so a perfect frame scores 100 dB.
     compute() averages each over frames and sequences.
 
-    State is `totals`, a float64 CPU tensor (4, T) of sums over sequences (rows in the
-    order of METRIC_NAMES), and `count`, the number of sequences. Both are plain sums, so
-    under torch.distributed `as_tensor()` -> all_reduce(SUM) -> `load_tensor()` gives
-    the single-process result (up to float64 rounding from the summation order).
+    State is `totals`, a float64 CPU tensor (len(METRIC_NAMES), T) of sums over sequences,
+    and `count`, the number of sequences. Both are plain sums, so under torch.distributed
+    `as_tensor()` -> all_reduce(SUM) -> `load_tensor()` gives the single-process result
+    (up to float64 rounding from the summation order).
     """
 
     def __init__(self, n_frames):
@@ -63,14 +112,13 @@ class MetricAccumulator:
         b, t, c, h, w = pred.shape
         if t != self.n_frames:
             raise ValueError(f"MetricAccumulator was built for {self.n_frames} frames but got {t}")
-        if min(h, w) < SSIM_WINDOW:
-            raise ValueError(f"SSIM uses a {SSIM_WINDOW}x{SSIM_WINDOW} window; frames of {h}x{w} are too small")
+        check(min(h, w) >= SSIM_WINDOW,
+              f"SSIM uses a {SSIM_WINDOW}x{SSIM_WINDOW} window; frames of {h}x{w} are too small")
         pred = pred.detach().to(torch.float64)
         target = target.detach().to(pred.device, torch.float64)
         lo, hi = target.min().item(), target.max().item()
-        if lo < -1e-6 or hi > 1 + 1e-6:
-            raise ValueError(f"targets must lie in [0, 1] but span [{lo:.4g}, {hi:.4g}]; "
-                             "divide uint8 frames by 255")
+        check(lo >= -1e-6 and hi <= 1 + 1e-6,
+              f"targets must lie in [0, 1] but span [{lo:.4g}, {hi:.4g}]; divide uint8 frames by 255")
 
         err = pred - target
         mse = err.square().sum(dim=(2, 3, 4))  # (B, T)
@@ -82,17 +130,20 @@ class MetricAccumulator:
 
         clipped_np = clipped.cpu().numpy()
         target_np = target.cpu().numpy()
-        ssim = torch.empty(b, t, dtype=torch.float64)
+        clipped_32, target_32 = clipped_np.astype(np.float32), target_np.astype(np.float32)
+        ssim = torch.empty(2, b, t, dtype=torch.float64)
         for i in range(b):
             for j in range(t):
-                ssim[i, j] = _frame_ssim(clipped_np[i, j], target_np[i, j])
+                ssim[0, i, j] = _frame_ssim(clipped_np[i, j], target_np[i, j], 1.0)
+                ssim[1, i, j] = _frame_ssim(clipped_32[i, j], target_32[i, j], 2.0)
 
-        per_frame = torch.stack([mse.sum(0).cpu(), mae.sum(0).cpu(), ssim.sum(0), psnr.sum(0).cpu()])
-        self.totals += per_frame  # (4, T)
+        per_frame = torch.stack([mse.sum(0).cpu(), mae.sum(0).cpu(), ssim[0].sum(0),
+                                 psnr.sum(0).cpu(), ssim[1].sum(0)])
+        self.totals += per_frame  # (len(METRIC_NAMES), T)
         self.count += b
 
     def as_tensor(self):
-        """1-D float64 tensor (4 * T + 1,): totals flattened row by row, then count."""
+        """1-D float64 tensor (len(METRIC_NAMES) * T + 1,): totals row by row, then count."""
         return torch.cat([self.totals.flatten(), torch.tensor([float(self.count)], dtype=torch.float64)])
 
     def load_tensor(self, tensor):
@@ -106,25 +157,130 @@ class MetricAccumulator:
         self.count = int(round(tensor[-1].item()))
 
     def compute(self):
-        """Averages: {"mse", "mae", "ssim", "psnr": float, "per_frame_mse": list of T floats}."""
+        """Averages: {name: float for METRIC_NAMES, "per_frame_mse": list of T floats}."""
         if self.count == 0:
             raise ValueError("no sequences were added to MetricAccumulator; call update() first")
-        per_frame = self.totals / self.count  # (4, T)
+        per_frame = self.totals / self.count  # (len(METRIC_NAMES), T)
         result = {name: per_frame[k].mean().item() for k, name in enumerate(METRIC_NAMES)}
         result["per_frame_mse"] = per_frame[0].tolist()
         return result
 
 
-def _frame_ssim(pred, true):
-    """SSIM of one (C, H, W) float64 frame pair in [0, 1]."""
+def _frame_ssim(pred, true, data_range):
+    """SSIM of one (C, H, W) frame pair in [0, 1], computed in the arrays' float dtype."""
     if pred.shape[0] == 1:
-        return structural_similarity(pred[0], true[0], data_range=1.0)
-    return structural_similarity(pred, true, data_range=1.0, channel_axis=0)
+        return float(structural_similarity(pred[0], true[0], data_range=data_range))
+    return float(structural_similarity(pred, true, data_range=data_range, channel_axis=0))
 
 
 def copy_last_frame(inputs, n_frames_output):
     """Baseline that repeats the last input frame. inputs (B, T_in, C, H, W) -> (B, T_out, C, H, W)."""
     return inputs[:, -1:].repeat(1, n_frames_output, 1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation: one loop for validation (main.py) and testing (evaluate.py)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scores:
+    metrics: dict            # name -> MetricAccumulator: "model" and each baseline
+    loss_sums: torch.Tensor  # float64 (2,): the model's summed squared error, pixel count
+    first_batch: tuple       # (inputs, targets, predictions) of the first batch, on the CPU
+    model_seconds: float     # time in the model's forward passes, device synchronised
+    sequences: int
+
+    @property
+    def loss(self) -> float:
+        """Per-pixel MSE, the training loss."""
+        return (self.loss_sums[0] / self.loss_sums[1]).item()
+
+
+@torch.no_grad()
+def score(model, loader, device, amp_ctx, frames_output: int, baselines=None) -> Scores:
+    """Predict every batch of `loader` and score the model and `baselines`
+    ({name: fn(inputs, frames_output) -> predictions}) with MetricAccumulator."""
+    baselines = baselines or {}
+    metrics = {name: MetricAccumulator(frames_output) for name in ("model", *baselines)}
+    loss_sums = torch.zeros(2, dtype=torch.float64, device=device)
+    first, seconds, sequences = None, 0.0, 0
+    was_training = model.training
+    model.eval()
+    for inputs, targets in loader:
+        inputs = inputs.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        t0 = time.perf_counter()
+        with amp_ctx:
+            pred = model(inputs, frames_output=frames_output)
+        pred = pred.float()
+        synchronize(device)
+        seconds += time.perf_counter() - t0
+        loss_sums[0] += F.mse_loss(pred, targets, reduction="sum").double()
+        loss_sums[1] += targets.numel()
+        metrics["model"].update(pred, targets)
+        for name, baseline in baselines.items():
+            metrics[name].update(baseline(inputs, frames_output), targets)
+        sequences += len(inputs)
+        if first is None:
+            first = (inputs.cpu(), targets.cpu(), pred.cpu())
+    model.train(was_training)
+    return Scores(metrics, loss_sums, first, seconds, sequences)
+
+
+# ---------------------------------------------------------------------------------------
+# Training step and precision
+# ---------------------------------------------------------------------------------------
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_CHOICES = ("auto", "none", "bf16", "fp16")
+LOSSES = ("mse", "mse+l1")
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """--amp auto is bf16 on CUDA GPUs that support it and fp32 ("none") elsewhere: CPUs
+    without AVX512-BF16 or AMX run bf16 slowly, so there it stays opt-in."""
+    check(amp in AMP_CHOICES, f"--amp {amp!r}: use one of {', '.join(AMP_CHOICES)}")
+    if amp == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+    check(amp != "fp16" or device.type == "cuda",
+          f"--amp fp16 needs a CUDA device, got {device.type}; use --amp bf16")
+    return amp
+
+
+def autocast_context(device: torch.device, amp: str):
+    """torch.autocast for a resolved --amp (bf16, fp16), a no-op for none."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[resolve_amp(amp, device)])
+
+
+def loss_fn(pred: torch.Tensor, targets: torch.Tensor, loss: str = "mse") -> torch.Tensor:
+    """Per-pixel MSE, plus per-pixel L1 for "mse+l1" (their sum, as several papers train)."""
+    pred = pred.float()
+    value = F.mse_loss(pred, targets)  # the mean over pixels: no second division by B
+    if loss == "mse+l1":
+        value = value + F.l1_loss(pred, targets)
+    return value
+
+
+def train_step(model, optimizer, scaler, inputs, targets, amp_ctx, clip: float = 10.0,
+               loss: str = "mse") -> torch.Tensor:
+    """One optimisation step on a batch (B, T_in, C, H, W) -> (B, T_out, C, H, W).
+
+    Returns the loss as a detached tensor: the caller decides when to sync with .item().
+    """
+    with amp_ctx:
+        pred = model(inputs, frames_output=targets.shape[1])
+    value = loss_fn(pred, targets, loss)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(value).backward()
+    scaler.unscale_(optimizer)
+    if clip != float("inf"):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return value.detach()
 
 
 # ---------------------------------------------------------------------------------------
@@ -202,32 +358,6 @@ def prediction_grid(inputs, targets, preds, *, max_sequences=4, pad=2):
     return _grid(inputs, targets, preds, max_sequences, pad)[0]
 
 
-def _atomic_write(path, write):
-    """Call write(file) on a temporary file next to `path`, then rename it onto `path`.
-
-    A crash or an exception leaves `path` as it was: the rename is atomic on POSIX and
-    Windows when both names are in the same directory.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    # os.open with mode 0o666 applies the umask, unlike tempfile's 0o600
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _text_size(draw, text):
     left, top, right, bottom = draw.textbbox((0, 0), text)
     return right - left, bottom - top
@@ -260,7 +390,7 @@ def save_prediction_figure(path, inputs, targets, preds, *, max_sequences=4, pad
         _, text_h = _text_size(draw, label)
         y = (top + bottom) * scale // 2 - text_h // 2
         draw.text((margin, y), label, fill=ink)
-    _atomic_write(path, lambda f: figure.save(f, format="PNG"))
+    atomic_write(path, lambda f: figure.save(f, format="PNG"))
 
 
 def save_prediction_gif(path, inputs, targets, preds, *, max_sequences=4, duration_ms=200, pad=2, scale=2):
@@ -313,17 +443,47 @@ def save_prediction_gif(path, inputs, targets, preds, *, max_sequences=4, durati
         frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
                        duration=duration_ms, loop=0)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 # ---------------------------------------------------------------------------------------
-# Checkpoints
+# Files: atomic writes and checkpoints
 # ---------------------------------------------------------------------------------------
+
+TMP_SUFFIX = ".tmp"  # atomic_write's temporary files end so; a crash can leave one behind
+
+
+def atomic_write(path, write):
+    """Call write(file) on a temporary file next to `path`, then rename it onto `path`.
+
+    A crash or an exception leaves `path` as it was: the rename is atomic on POSIX and
+    Windows when both names are in the same directory. Parent directories are created.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+    # os.open with mode 0o666 applies the umask, unlike tempfile's 0o600
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def atomic_save(obj, path):
     """torch.save(obj, path) through a temporary file, so `path` is never left half-written."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _first_line(err):
@@ -340,22 +500,22 @@ def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint dict (with at least "model" and "config") written by atomic_save.
 
     Uses torch.load(weights_only=True), so only tensors and plain Python containers load.
-    Raises ValueError naming the path if the file is missing or is not such a checkpoint.
+    Raises UsageError naming the path if the file is missing or is not such a checkpoint.
     """
     path = os.fspath(path)
     prefix = f"{path} is not a checkpoint written by main.py"
     if not os.path.isfile(path):
         problem = "it is a directory" if os.path.isdir(path) else "no such file"
-        raise ValueError(f"{prefix}: {problem}")
+        raise UsageError(f"{prefix}: {problem}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch.load raises many types for foreign files (KeyError, EOFError, ...)
-        raise ValueError(f"{prefix}: torch.load failed with {_first_line(err)}") from err
+        raise UsageError(f"{prefix}: torch.load failed with {_first_line(err)}") from err
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{prefix}: expected a dict, found {type(checkpoint).__name__}")
+        raise UsageError(f"{prefix}: expected a dict, found {type(checkpoint).__name__}")
     missing = [key for key in ("model", "config") if key not in checkpoint]
     if missing:
-        raise ValueError(f"{prefix}: the dict lacks {missing} (keys: {sorted(map(str, checkpoint))})")
+        raise UsageError(f"{prefix}: the dict lacks {missing} (keys: {sorted(map(str, checkpoint))})")
     return checkpoint
 
 
@@ -380,20 +540,20 @@ def pick_device(name="auto"):
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(f"--device {name!r} is not a device name; use auto, cpu, cuda, cuda:N or mps") from err
+        raise UsageError(f"--device {name!r} is not a device name; use auto, cpu, cuda, cuda:N or mps") from err
     if device.type == "cpu":
         return device
     if device.type == "mps":
         if not _mps_available():
-            raise ValueError(f"--device {name} requested but torch.backends.mps.is_available() is False")
+            raise UsageError(f"--device {name} requested but torch.backends.mps.is_available() is False")
         return device
     backend = getattr(torch, device.type, None)  # torch.cuda, torch.xpu, ...
     if backend is None or not hasattr(backend, "is_available"):
-        raise ValueError(f"--device {name} is not supported; use auto, cpu, cuda, cuda:N or mps")
+        raise UsageError(f"--device {name} is not supported; use auto, cpu, cuda, cuda:N or mps")
     if not backend.is_available():
-        raise ValueError(f"--device {name} requested but torch.{device.type}.is_available() is False")
+        raise UsageError(f"--device {name} requested but torch.{device.type}.is_available() is False")
     if device.index is not None and device.index >= backend.device_count():
-        raise ValueError(f"--device {name} requested but only {backend.device_count()} "
+        raise UsageError(f"--device {name} requested but only {backend.device_count()} "
                          f"{device.type} device(s) are visible")
     return device
 
@@ -433,34 +593,39 @@ def seed_everything(seed):
 
 
 # ---------------------------------------------------------------------------------------
-# Formatting
+# Tables
 # ---------------------------------------------------------------------------------------
 
-_TABLE_FORMATS = {"mse": "{:.2f}", "mae": "{:.2f}", "ssim": "{:.4f}", "psnr": "{:.2f}"}
+METRIC_COLUMNS = [("model", "model", "{}"), ("mse", "mse", "{:.2f}"), ("mae", "mae", "{:.2f}"),
+                  ("ssim", "ssim", "{:.4f}"), ("psnr", "psnr", "{:.2f}"),
+                  ("ssim_openstl", "ssim_openstl", "{:.4f}")]
 
 
-def format_metrics_table(rows):
-    """Plain-text table, one line per model: rows {"model": {"mse": .., "mae": .., "ssim": .., "psnr": ..}}.
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Plain-text table: one line per row, columns (header, key, format); None or missing is "-".
 
-    A missing or None metric prints as "-"; other keys (e.g. per_frame_mse) are ignored.
+    The first column is left-aligned, the others right-aligned.
     """
-    header = ["model", *METRIC_NAMES]
-    lines = []
-    for name, metrics in rows.items():
-        cells = [str(name)]
-        for key in METRIC_NAMES:
-            value = metrics.get(key)
-            cells.append("-" if value is None else _TABLE_FORMATS[key].format(value))
-        lines.append(cells)
-    widths = [max(len(row[k]) for row in [header, *lines]) for k in range(len(header))]
+    cells = [[header for header, _, _ in columns]]
+    for row in rows:
+        cells.append(["-" if row.get(key) is None else fmt.format(row[key])
+                      for _, key, fmt in columns])
+    widths = [max(len(line[k]) for line in cells) for k in range(len(columns))]
+    lines = ["  ".join([line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])])
+             for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
-    def render(cells):
-        first = cells[0].ljust(widths[0])
-        rest = [cell.rjust(width) for cell, width in zip(cells[1:], widths[1:])]
-        return "  ".join([first, *rest])
 
-    rule = "  ".join("-" * width for width in widths)
-    return "\n".join([render(header), rule, *(render(cells) for cells in lines)])
+def format_metrics_table(results: dict) -> str:
+    """{name: metrics dict} (e.g. evaluate.py's "model" and "copy_last_baseline") as a table."""
+    return format_table([{**metrics, "model": name} for name, metrics in results.items()],
+                        METRIC_COLUMNS)
+
+
+# ---------------------------------------------------------------------------------------
+# Process-wide speed settings
+# ---------------------------------------------------------------------------------------
 
 
 def keep_freed_memory() -> bool:

@@ -8,7 +8,7 @@ combined by a pixel-wise max.
 
 Run as a script (`python -m data.mm --help`):
     python -m data.mm download --root data/mnist [--moving-mnist-test]
-    python -m data.mm make-test-set --root data/mnist --out test.npy --num 10000
+    python -m data.mm make-test-set --root data/mnist --out test.npy --num 10000 --num-digits 2
 
 Digit pools. Training sequences use the 60,000 MNIST training digits and validation /
 test sequences the 10,000 test digits. Where only the test file is available, digits
@@ -19,14 +19,12 @@ Every sequence is a pure function of its seed; the global `random` / `np.random`
 state is never used, so runs are reproducible whatever else touches it.
 """
 
-import argparse
 import gzip
 import hashlib
 import math
 import os
 import struct
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -37,6 +35,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
+
+from utils import ArgumentParser, UsageError, atomic_write, check, run_cli
 
 # -----------------------------------------------------------------------------
 # files and where to get them
@@ -70,30 +70,31 @@ _STREAM_TRAIN, _STREAM_VAL, _STREAM_TEST = 0, 1, 2
 def load_mnist(path):
     """Read an IDX image file, gzipped or raw, into a uint8 array (N, rows, cols).
 
-    Raises ValueError, naming the file and the fix, for a truncated, corrupt or
+    Raises UsageError, naming the file and the fix, for a truncated, corrupt or
     non-image file.
     """
     path = Path(path)
     redo = "delete it and re-run to download it again"
+    check(not path.is_dir(), f"{path} is a directory, not an MNIST images file")
     with open(path, "rb") as f:
         raw = f.read()
     if raw[:2] == b"\x1f\x8b":  # gzip magic bytes
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
-            raise ValueError(f"{path}: not a readable gzip file, truncated or "
+            raise UsageError(f"{path}: not a readable gzip file, truncated or "
                              f"corrupt ({e}); {redo}") from None
     if len(raw) < 16:
-        raise ValueError(f"{path}: {len(raw)} bytes is too short for an IDX header "
+        raise UsageError(f"{path}: {len(raw)} bytes is too short for an IDX header "
                          f"(16 bytes); {redo}")
     magic, n, rows, cols = struct.unpack(">4i", raw[:16])  # big-endian, per the IDX spec
     if magic != IDX_IMAGES_MAGIC:
-        raise ValueError(f"{path}: IDX magic number {magic}, expected "
+        raise UsageError(f"{path}: IDX magic number {magic}, expected "
                          f"{IDX_IMAGES_MAGIC} (an images file, e.g. {TEST_IMAGES}, not "
                          f"labels); {redo}")
     expected = n * rows * cols
     if len(raw) - 16 != expected:
-        raise ValueError(f"{path}: header says {n}x{rows}x{cols} = {expected} pixel "
+        raise UsageError(f"{path}: header says {n}x{rows}x{cols} = {expected} pixel "
                          f"bytes but the file holds {len(raw) - 16}; {redo}")
     return np.frombuffer(raw, np.uint8, offset=16).reshape(n, rows, cols)
 
@@ -109,49 +110,52 @@ def _md5(path, chunk=1 << 20):
     return h.hexdigest()
 
 
+class _WrongMd5(Exception):
+    pass
+
+
+def _fetch(url, out, md5, timeout, desc):
+    """Stream `url` into the open file `out`; raise _WrongMd5 unless its md5 is `md5`."""
+    h = hashlib.md5()
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        total = int(r.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
+            for block in iter(lambda: r.read(1 << 16), b""):
+                out.write(block)
+                h.update(block)
+                bar.update(len(block))
+    if h.hexdigest() != md5:
+        raise _WrongMd5(f"md5 {h.hexdigest()}, expected {md5}")
+
+
 def download_file(filename, root, md5, mirrors, *, timeout=30):
     """Return `root/filename`, downloading it from the first mirror that works.
 
     A file already there with the right md5 is kept. A download streams into a temp
     file in `root` and only becomes `root/filename` once its md5 is right, so a failed
-    or interrupted download leaves nothing behind. Raises RuntimeError listing the
+    or interrupted download leaves nothing behind. Raises UsageError listing the
     URLs tried when no mirror gives the right file.
     """
     root = Path(root)
     final = root / filename
     if final.exists() and _md5(final) == md5:
         return final
-    root.mkdir(parents=True, exist_ok=True)
     failures = []
     for mirror in mirrors:
         url = mirror.rstrip("/") + "/" + filename
-        fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{filename}.", suffix=".part")
         try:
-            h = hashlib.md5()
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as r:
-                total = int(r.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=filename,
-                          leave=False) as bar:
-                    for block in iter(lambda: r.read(1 << 16), b""):
-                        out.write(block)
-                        h.update(block)
-                        bar.update(len(block))
-            if h.hexdigest() != md5:
-                failures.append(f"{url} (md5 {h.hexdigest()}, expected {md5})")
-                continue
-            os.replace(tmp, final)
+            atomic_write(final, lambda out: _fetch(url, out, md5, timeout, filename))
             return final
+        except _WrongMd5 as e:
+            failures.append(f"{url} ({e})")
         except (urllib.error.URLError, OSError, ValueError) as e:  # timeouts are OSErrors
             # An HTTPError says its status only in str(); a URLError says why in .reason.
             reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
             failures.append(f"{url} ({reason})")
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     stale = f"; the {final.name} there has the wrong md5" if final.exists() else ""
-    raise RuntimeError(f"could not download {filename}: tried "
-                       f"{'; '.join(failures) or 'no mirrors'}{stale}; download it by "
-                       f"hand and put it at {final} (md5 {md5})")
+    raise UsageError(f"could not download {filename}: tried "
+                     f"{'; '.join(failures) or 'no mirrors'}{stale}; download it by "
+                     f"hand and put it at {final} (md5 {md5})")
 
 
 # -----------------------------------------------------------------------------
@@ -183,7 +187,7 @@ def digit_pools(root, *, download=True):
             if not (root / name).exists():
                 try:
                     download_file(name, root, MNIST_FILES[name], MNIST_MIRRORS)
-                except (RuntimeError, OSError) as e:  # OSError: e.g. a read-only root
+                except (UsageError, OSError) as e:  # OSError: e.g. a read-only root
                     failed.append(str(e))
 
     if train_path.exists():
@@ -196,7 +200,7 @@ def digit_pools(root, *, download=True):
     elif test_path.exists():
         test = load_mnist(test_path)
         if len(test) <= FALLBACK_SPLIT:
-            raise ValueError(f"{test_path}: {len(test)} digits, too few to split at "
+            raise UsageError(f"{test_path}: {len(test)} digits, too few to split at "
                              f"{FALLBACK_SPLIT}; replace it with the 10,000-digit file")
         if not _FALLBACK_WARNED:
             _FALLBACK_WARNED = True
@@ -270,7 +274,7 @@ def generate_sequence(rng, digits, n_frames, num_digits, image_size=64, digit_si
     each, all from `rng` (a np.random.Generator).
     """
     if digits.shape[1:] != (digit_size, digit_size):
-        raise ValueError(f"digits are {digits.shape[1]}x{digits.shape[2]} but "
+        raise UsageError(f"digits are {digits.shape[1]}x{digits.shape[2]} but "
                          f"digit_size is {digit_size}")
     chosen = digits[rng.integers(len(digits), size=num_digits)]  # (K, d, d)
     positions = [random_trajectory(rng, n_frames, step_length) for _ in range(num_digits)]
@@ -296,14 +300,14 @@ class MovingMNIST(Dataset):
     - `is_train=False` draws held-out digits and ignores epoch and rank: the same
       fixed validation set every epoch and on every rank.
 
-    Workers and `set_epoch`: a DataLoader with `persistent_workers=False` (main.py's
-    choice) copies the dataset into fresh workers each epoch, so calling `set_epoch`
-    on the main-process dataset reaches them. Persistent workers would keep the old
-    epoch.
+    Epochs and workers: `dataset[(epoch, i)]` is sequence i of that epoch, whatever
+    `set_epoch` said, so a sampler that yields (epoch, index) pairs (main.py's) works
+    with persistent DataLoader workers, which keep their own copy of the dataset.
+    `dataset[i]` uses the epoch of the last `set_epoch`.
 
-    `num_objects` is a list of digit counts, one picked per sequence, e.g. [2] or
-    [1, 2, 3]. `digits` (N, 28, 28) uint8 replaces the MNIST pools, and `root` is then
-    not read.
+    `num_objects` (the original repo's name for what main.py calls --num-digits) is a
+    list of digit counts, one picked per sequence, e.g. [2] or [1, 2, 3]. `digits`
+    (N, 28, 28) uint8 replaces the MNIST pools, and `root` is then not read.
     """
 
     def __init__(self, root, is_train, n_frames_input, n_frames_output, num_objects, *,
@@ -313,23 +317,23 @@ class MovingMNIST(Dataset):
         if isinstance(num_objects, int):
             num_objects = [num_objects]
         if not num_objects or any(int(k) < 1 for k in num_objects):
-            raise ValueError(f"num_objects must be a non-empty list of digit counts >= 1, "
+            raise UsageError(f"num_objects must be a non-empty list of digit counts >= 1, "
                              f"got {num_objects}")
         if n_frames_input < 1 or n_frames_output < 1:
-            raise ValueError(f"need at least one input and one output frame, got "
+            raise UsageError(f"need at least one input and one output frame, got "
                              f"{n_frames_input} and {n_frames_output}")
         if image_size < digit_size:
-            raise ValueError(f"image_size {image_size} is smaller than digit_size "
+            raise UsageError(f"image_size {image_size} is smaller than digit_size "
                              f"{digit_size}")
         if seed < 0 or rank < 0:
-            raise ValueError(f"seed and rank must be >= 0, got {seed} and {rank}")
+            raise UsageError(f"seed and rank must be >= 0, got {seed} and {rank}")
         if digits is None:
             train_digits, heldout_digits = digit_pools(root, download=download)
             digits = train_digits if is_train else heldout_digits
         digits = np.asarray(digits)
         if digits.dtype != np.uint8 or digits.ndim != 3 or len(digits) == 0 \
                 or digits.shape[1:] != (digit_size, digit_size):
-            raise ValueError(f"digits must be uint8 (N, {digit_size}, {digit_size}) with "
+            raise UsageError(f"digits must be uint8 (N, {digit_size}, {digit_size}) with "
                              f"N >= 1, got {digits.dtype} {digits.shape}")
         self.digits = digits
         self.is_train = is_train
@@ -351,11 +355,12 @@ class MovingMNIST(Dataset):
     def __len__(self):
         return self.length
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} sequences")
         if self.is_train:
-            rng = _sample_rng(self.seed, _STREAM_TRAIN, self.rank, self.epoch, index)
+            rng = _sample_rng(self.seed, _STREAM_TRAIN, self.rank, epoch, index)
         else:
             rng = _sample_rng(self.seed, _STREAM_VAL, 0, 0, index)
         num_digits = self.num_objects[rng.integers(len(self.num_objects))]
@@ -369,18 +374,25 @@ class MovingMNIST(Dataset):
 # -----------------------------------------------------------------------------
 # fixed test sets
 
+def _load_npy(path: Path) -> np.ndarray:
+    """Memory-map a .npy file read-only, or raise UsageError saying what is wrong with it."""
+    check(not path.is_dir(), f"{path} is a directory; pass a .npy file")
+    check(path.exists(), f"{path}: no such file")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # e.g. "mmap length is greater than file size"
+        raise UsageError(f"{path}: not a readable .npy file, truncated or not numpy ({e})") from None
+
+
 def load_test_set(path):
     """Read a Moving MNIST test set in the `mnist_test_seq.npy` layout (T, N, H, W) uint8.
 
     The array is memory-mapped read-only: the standard file is 820 MB.
     """
     path = Path(path)
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{path}: not a readable .npy file ({e})") from None
+    arr = _load_npy(path)
     if arr.ndim != 4 or arr.dtype != np.uint8:
-        raise ValueError(f"{path}: found {arr.dtype} {arr.shape}, expected uint8 "
+        raise UsageError(f"{path}: found {arr.dtype} {arr.shape}, expected uint8 "
                          f"(T, N, H, W) like mnist_test_seq.npy (20, 10000, 64, 64)")
     return arr
 
@@ -389,29 +401,23 @@ def make_test_set(root, num, num_digits=2, seed=0, n_frames=20, image_size=64, *
                   download=True):
     """A fixed test set (T, N, H, W) uint8 from the held-out digits, deterministic in seed.
 
-    Its sequences come from a different random stream than MovingMNIST's validation
-    set, so the two never share a sequence. Note that the held-out pool (and thus the
-    set) differs with and without the MNIST training file in `root`.
+    `num_digits` is a digit count or a list of them; with several, each sequence draws
+    its count from the list, as training does. Its sequences come from a different
+    random stream than MovingMNIST's validation set, so the two never share a sequence.
+    Note that the held-out pool (and thus the set) differs with and without the MNIST
+    training file in `root`.
     """
+    counts = [num_digits] if isinstance(num_digits, int) else [int(k) for k in num_digits]
+    check(num >= 1 and counts and min(counts) >= 1,
+          f"a test set needs num >= 1 sequences of >= 1 digits, got {num} and {num_digits}")
     _, heldout = digit_pools(root, download=download)
     out = np.empty((n_frames, num, image_size, image_size), np.uint8)
     for i in range(num):
         rng = _sample_rng(seed, _STREAM_TEST, 0, 0, i)
-        out[:, i] = generate_sequence(rng, heldout, n_frames, num_digits, image_size)
+        # One count draws nothing, so sets made before counts could be lists are unchanged.
+        k = counts[rng.integers(len(counts))] if len(counts) > 1 else counts[0]
+        out[:, i] = generate_sequence(rng, heldout, n_frames, k, image_size)
     return out
-
-
-def _save_npy_atomic(path, array):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # -----------------------------------------------------------------------------
@@ -432,36 +438,37 @@ def load_sequences(path_or_array, layout=None):
         path = Path(path_or_array)
         name = str(path)
         if path.suffix == ".npy":
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            arr = _load_npy(path)
         elif path.suffix == ".npz":
+            check(path.is_file(), f"{path}: no such file")
             with np.load(path, allow_pickle=False) as z:
                 if len(z.files) == 1:
                     arr = z[z.files[0]]
                 elif "sequences" in z.files:
                     arr = z["sequences"]
                 else:
-                    raise ValueError(f"{name}: holds arrays {z.files}; save a single array "
+                    raise UsageError(f"{name}: holds arrays {z.files}; save a single array "
                                      f"or name the sequences 'sequences'")
         else:
-            raise ValueError(f"{name}: expected a .npy or .npz file")
+            raise UsageError(f"{name}: expected a .npy or .npz file")
     else:
         arr = np.asarray(path_or_array)
         name = f"array {arr.dtype} {arr.shape}"
 
     if arr.dtype != np.uint8 and not np.issubdtype(arr.dtype, np.floating):
-        raise ValueError(f"{name}: dtype {arr.dtype}; expected uint8 (0-255) or float "
+        raise UsageError(f"{name}: dtype {arr.dtype}; expected uint8 (0-255) or float "
                          f"in [0, 1]")
     if layout is None:
         layout = "NTCHW" if arr.ndim == 5 else "NTHW"
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+        raise UsageError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     if arr.ndim != len(layout):
-        raise ValueError(f"{name}: shape {arr.shape} is {arr.ndim}-D, but layout "
+        raise UsageError(f"{name}: shape {arr.shape} is {arr.ndim}-D, but layout "
                          f"{layout} needs {len(layout)} dimensions")
     if arr.dtype != np.uint8 and arr.size:
         lo, hi = arr.min(), arr.max()
         if not (lo >= 0 and hi <= 1):  # also catches NaN
-            raise ValueError(f"{name}: float values span [{lo}, {hi}]; expected [0, 1] "
+            raise UsageError(f"{name}: float values span [{lo}, {hi}]; expected [0, 1] "
                              f"(divide uint8 frames by 255)")
     if layout == "TNHW":
         arr = arr.transpose(1, 0, 2, 3)  # (N, T, H, W)
@@ -481,15 +488,15 @@ class SequenceArrayDataset(Dataset):
     def __init__(self, sequences, n_frames_input, n_frames_output, indices=None):
         super().__init__()
         if sequences.ndim != 5:
-            raise ValueError(f"sequences must be (N, T, C, H, W), got shape "
+            raise UsageError(f"sequences must be (N, T, C, H, W), got shape "
                              f"{sequences.shape}; load_sequences converts other layouts")
         n, t = sequences.shape[:2]
         if n_frames_input < 1 or n_frames_output < 1 or n_frames_input + n_frames_output > t:
-            raise ValueError(f"{n_frames_input} input + {n_frames_output} output frames "
+            raise UsageError(f"{n_frames_input} input + {n_frames_output} output frames "
                              f"don't fit in sequences of {t} frames")
         indices = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= n):
-            raise ValueError(f"indices span [{indices.min()}, {indices.max()}] but there "
+            raise UsageError(f"indices span [{indices.min()}, {indices.max()}] but there "
                              f"are {n} sequences")
         self.sequences = sequences
         self.indices = indices
@@ -515,10 +522,10 @@ def split_holdout(n, holdout_fraction=0.1, min_holdout=1):
     at least one sequence is left for training.
     """
     if not 0 <= holdout_fraction < 1:
-        raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+        raise UsageError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
     n_val = max(min_holdout, round(n * holdout_fraction))
     if n_val >= n:
-        raise ValueError(f"holding out {n_val} of {n} sequences leaves none to train on")
+        raise UsageError(f"holding out {n_val} of {n} sequences leaves none to train on")
     return np.arange(n - n_val), np.arange(n - n_val, n)
 
 
@@ -526,7 +533,7 @@ def split_holdout(n, holdout_fraction=0.1, min_holdout=1):
 # command line
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m data.mm", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m data.mm", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("download", help="download the MNIST image files (and optionally "
@@ -543,8 +550,9 @@ def main(argv=None):
     p.add_argument("--out", required=True, metavar="FILE", help="output .npy file")
     p.add_argument("--num", type=int, default=10000, metavar="N",
                    help="number of sequences (default: 10000)")
-    p.add_argument("--num-digits", type=int, default=2, metavar="K",
-                   help="digits per sequence (default: 2)")
+    p.add_argument("--num-digits", type=int, nargs="+", default=[2], metavar="K",
+                   help="digits per sequence; with several, each sequence draws one "
+                        "(default: 2)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: 0)")
     p.add_argument("--n-frames", type=int, default=20, metavar="T",
                    help="frames per sequence (default: 20)")
@@ -562,21 +570,27 @@ def main(argv=None):
         for name, md5, mirrors in files:
             try:
                 print(download_file(name, args.root, md5, mirrors))
-            except RuntimeError as e:
-                failed.append(f"error: {e}\n")
-        if failed:
-            parser.exit(1, "".join(failed))
-    else:
-        try:
-            arr = make_test_set(args.root, args.num, args.num_digits, args.seed,
-                                args.n_frames, args.image_size, download=not args.no_download)
-        except (FileNotFoundError, ValueError) as e:
-            parser.exit(1, f"error: {e}\n")
-        _save_npy_atomic(args.out, arr)
-        pool = ("all MNIST test digits" if (Path(args.root) / TRAIN_IMAGES).exists()
-                else f"MNIST test digits {FALLBACK_SPLIT}-9999")
-        print(f"wrote {args.out}: {arr.dtype} {arr.shape} (T, N, H, W) from {pool}, "
-              f"seed {args.seed}")
+            except UsageError as e:
+                failed.append(str(e))
+        check(not failed, " | ".join(failed))
+        return
+
+    out = Path(args.out)
+    check(args.num >= 1, f"--num must be >= 1, got {args.num}")
+    check(min(args.num_digits) >= 1, f"--num-digits must be >= 1, got {args.num_digits}")
+    check(args.n_frames >= 1, f"--n-frames must be >= 1, got {args.n_frames}")
+    check(args.image_size >= 28, f"--image-size must be >= 28, the digits' size; got {args.image_size}")
+    check(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
+    check(not out.is_dir(), f"--out {out} is a directory; name a .npy file in it")
+    check(out.suffix == ".npy", f"--out {out} must end in .npy")
+    arr = make_test_set(args.root, args.num, args.num_digits, args.seed, args.n_frames,
+                        args.image_size, download=not args.no_download)
+    atomic_write(out, lambda f: np.save(f, arr))
+    pool = ("all MNIST test digits" if (Path(args.root) / TRAIN_IMAGES).exists()
+            else f"MNIST test digits {FALLBACK_SPLIT}-9999")
+    print(f"wrote {out}: {arr.dtype} {arr.shape} (T, N, H, W) from {pool}, "
+          f"{args.num_digits} digits, seed {args.seed}")
+
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -1,8 +1,8 @@
-"""bench.py and reference.py: the textbook baseline computes what the fast model computes,
-and the benchmark runs end to end. No timing is asserted: these must pass on any machine."""
+"""tools/bench.py and tools/amp_check.py run end to end and count what they claim; the speed
+features they measure (channels_last, bf16 autocast) keep the model's results. No timing
+is asserted: these must pass on any machine."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,23 +10,28 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
-from bench import count_step_flops
+import utils
 from ConvRNN import ConvGRUCell, ConvLSTMCell, run_cell, stack_time, unbind_time
-from model import build_model, count_parameters
-from net_params import Conv, Preset, Stage, get_preset
-from reference import build_reference, load_fast_weights
 from helpers import randomize
+from model import build_model
+from net_params import Conv, Preset, Stage, get_preset
+from tools import bench
+from tools.amp_check import amp_loss_check
+from tools.bench import count_step_flops
+from tools.textbook import build_textbook
 
 REPO = Path(__file__).resolve().parents[1]
 
 JSON_KEYS = {
-    "seq_per_s", "step_ms", "peak_mem_mb", "gflop_per_step", "achieved_gflops",
-    "roofline_gflops", "utilization", "reference_seq_per_s", "speedup",
-    "arch", "batch_size", "amp", "compile", "device", "torch", "threads",
-    "conv", "executed_gflop_per_step",
+    "arch", "batch_size", "frames_input", "frames_output", "image_size", "amp", "conv",
+    "compile", "channels_last", "device", "torch", "threads", "processor", "seq_per_s",
+    "step_ms", "step_ms_all", "first_step_ms", "peak_mem_mb", "peak_mem_exact",
+    "gflop_per_step", "executed_gflop_per_step", "achieved_gflops", "roofline_gflops",
+    "roofline_conv", "utilization", "reference_seq_per_s", "reference_step_ms",
+    "reference_gflop_per_step", "reference_peak_mem_mb", "speedup", "malloc_keeps_freed",
 }
-
 
 
 def small_original(cell: str, **options) -> Preset:
@@ -42,68 +47,20 @@ def small_original(cell: str, **options) -> Preset:
         image_size=16)
 
 
-@pytest.mark.parametrize("preset", [
-    small_original("convlstm"),
-    small_original("convlstm", peephole=True),
-    small_original("convgru"),
-], ids=["convlstm", "convlstm-peephole", "convgru"])
-def test_reference_and_fast_model_agree_on_outputs_and_gradients(preset):
-    torch.manual_seed(0)
-    fast = randomize(build_model(preset).double())
-    ref = build_reference(preset).double()
-    load_fast_weights(ref, fast)
-    x = torch.rand(2, 3, 1, 16, 16, dtype=torch.float64)
-    target = torch.rand(2, 2, 1, 16, 16, dtype=torch.float64)
-
-    out_fast, out_ref = fast(x, frames_output=2), ref(x, frames_output=2)
-    torch.testing.assert_close(out_fast, out_ref, atol=1e-10, rtol=0)
-
-    F.mse_loss(out_fast, target).backward()
-    F.mse_loss(out_ref, target).backward()
-    ref_params = dict(ref.named_parameters())
-    for name, p in fast.named_parameters():
-        if name.endswith(("input_conv.weight", "hidden_conv.weight", "hidden_conv.bias",
-                          "gate_conv.weight", "gate_conv.bias", "candidate_conv.weight",
-                          "candidate_conv.bias")):
-            continue  # checked below through the cat(x, h) convolutions
-        torch.testing.assert_close(p.grad, ref_params[name].grad, atol=1e-10, rtol=0, msg=name)
-
-    ref_cells = [s.cell for s in ref.encoder.stages] + [s.cell for s in ref.forecaster.stages]
-    fast_cells = [s.cell for s in fast.encoder.stages] + [s.cell for s in fast.forecaster.stages]
-    for k, (rc, fc) in enumerate(zip(ref_cells, fast_cells)):
-        if preset.cell == "convlstm":
-            pairs = [(rc.conv, fc.hidden_conv, slice(None))]
-        else:
-            C = fc.hidden_channels
-            pairs = [(rc.gate_conv, fc.gate_conv, slice(0, 2 * C)),
-                     (rc.candidate_conv, fc.candidate_conv, slice(2 * C, 3 * C))]
-        for ref_conv, hidden_conv, rows in pairs:
-            C_in = ref_conv.in_channels - hidden_conv.in_channels
-            torch.testing.assert_close(ref_conv.weight.grad[:, C_in:], hidden_conv.weight.grad,
-                                       atol=1e-10, rtol=0, msg=f"cell {k} state weights")
-            torch.testing.assert_close(ref_conv.bias.grad, hidden_conv.bias.grad,
-                                       atol=1e-10, rtol=0, msg=f"cell {k} bias")
-            if fc.input_conv is not None:
-                torch.testing.assert_close(ref_conv.weight.grad[:, :C_in],
-                                           fc.input_conv.weight.grad[rows],
-                                           atol=1e-10, rtol=0, msg=f"cell {k} input weights")
+def run_tool(tool: str, *flags, cwd=REPO) -> subprocess.CompletedProcess:
+    """`python tools/<tool>.py FLAGS` as a user types it."""
+    return subprocess.run([sys.executable, str(REPO / "tools" / f"{tool}.py"), *flags],
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("name, original", [("convlstm", 9_032_225), ("convgru", 6_880_289)])
-def test_reference_has_the_original_repos_parameter_count(name, original):
-    # The reference keeps the forecaster top cell's input weights, which only see zeros.
-    assert count_parameters(build_reference(get_preset(name))) == original
-
-
-def test_reference_does_more_work_than_the_fast_model():
+def test_textbook_does_more_work_than_the_fast_model():
     preset = small_original("convlstm")
     fast = count_step_flops(lambda: build_model(preset), 2, 3, 2, 1, 16)
-    ref = count_step_flops(lambda: build_reference(preset), 2, 3, 2, 1, 16)
-    assert 0 < fast < ref
+    textbook = count_step_flops(lambda: build_textbook(preset), 2, 3, 2, 1, 16)
+    assert 0 < fast < textbook
 
 
 def test_meta_flop_count_equals_a_real_step():
-    from torch.utils.flop_counter import FlopCounterMode
     preset = get_preset("tiny")
     torch.manual_seed(0)
     model = build_model(preset)
@@ -115,64 +72,94 @@ def test_meta_flop_count_equals_a_real_step():
         counter.get_total_flops()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--channels-last"]], ids=["default", "channels-last"])
 def test_bench_runs_end_to_end_and_writes_json(tmp_path, extra):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "bench.py", "--arch", "tiny", "--batch-size", "2",
-           "--frames-input", "2", "--frames-output", "2", "--image-size", "32",
-           "--device", "cpu", "--repeats", "1", "--warmup", "1", "--json", str(out), *extra]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_tool("bench", "--arch", "tiny", "--batch-size", "2", "--frames-input", "2",
+                      "--frames-output", "2", "--image-size", "32", "--device", "cpu",
+                      "--repeats", "1", "--warmup", "1", "--json", str(out), *extra,
+                      cwd=tmp_path)  # any working folder
     assert result.returncode == 0, result.stderr
     row = json.loads(out.read_text())
     assert JSON_KEYS <= row.keys()
+    assert row["amp"] == "none"  # --amp auto on the CPU
+    assert row["channels_last"] == bool(extra)
     assert row["seq_per_s"] > 0 and row["gflop_per_step"] > 0 and row["roofline_gflops"] > 0
     assert row["speedup"] > 0 and row["reference_seq_per_s"] > 0
-    assert row["utilization"] == pytest.approx(row["achieved_gflops"] / row["roofline_gflops"])
-    assert "speedup" in result.stdout  # the table
+    assert row["reference_gflop_per_step"] > row["gflop_per_step"]
+    assert "textbook seq/s" in result.stdout and "speedup" in result.stdout  # the table
 
 
 def bench_rows(tmp_path, *flags) -> list[dict]:
-    """One bench.py run on tiny shapes, several rows, no reference."""
+    """One bench run on tiny shapes, several rows, no textbook model."""
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "bench.py", *flags,
-           "--batch-size", "1", "--frames-input", "2", "--frames-output", "1",
-           "--image-size", "16", "--device", "cpu", "--repeats", "1", "--warmup", "0",
-           "--no-reference", "--json", str(out)]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_tool("bench", *flags, "--batch-size", "1", "--frames-input", "2",
+                      "--frames-output", "1", "--image-size", "16", "--device", "cpu",
+                      "--repeats", "1", "--warmup", "0", "--no-reference", "--json", str(out))
     assert result.returncode == 0, result.stderr
     return json.loads(out.read_text())["runs"]
 
 
-def test_bench_several_rows_and_no_reference(tmp_path):
+@pytest.mark.slow
+def test_bench_rows_per_amp_without_textbook(tmp_path):
     runs = bench_rows(tmp_path, "--arch", "tiny", "--amp", "none,bf16")
     assert [r["amp"] for r in runs] == ["none", "bf16"]
-    assert all(r["speedup"] is None for r in runs)
+    assert all(r["speedup"] is None and r["reference_seq_per_s"] is None for r in runs)
 
 
-def test_bench_rows_per_conv_algorithm(tmp_path):
+@pytest.mark.slow
+def test_bench_rows_per_conv(tmp_path):
     """Winograd runs fewer multiplies for the same model work: the same gflop_per_step,
     a smaller executed count; direct executes exactly the model's count."""
-    direct, winograd = bench_rows(tmp_path, "--arch", "convlstm", "--conv", "direct,winograd")
+    direct, winograd = bench_rows(tmp_path, "--arch", "convlstm", "--amp", "none",
+                                  "--conv", "direct,winograd")
     assert (direct["conv"], winograd["conv"]) == ("direct", "winograd")
     assert direct["gflop_per_step"] == winograd["gflop_per_step"]
     assert direct["executed_gflop_per_step"] == direct["gflop_per_step"]
     assert 0 < winograd["executed_gflop_per_step"] < winograd["gflop_per_step"]
 
 
-def test_bench_compares_one_and_two_ddp_processes(tmp_path):
-    out = tmp_path / "ddp.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["GLOO_SOCKET_IFNAME"] = "lo"
-    cmd = [sys.executable, "bench.py", "--arch", "tiny", "--nproc", "2", "--batch-size", "2",
-           "--frames-input", "2", "--frames-output", "2", "--image-size", "16",
-           "--device", "cpu", "--repeats", "1", "--warmup", "1", "--json", str(out)]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(out.read_text())["ddp"]
-    assert [r["processes"] for r in rows] == [1, 2]
-    assert [r["global_batch"] for r in rows] == [2, 4]  # --batch-size is per process
-    assert all(r["seq_per_s"] > 0 for r in rows) and rows[0]["speedup_vs_1"] == 1
-    assert "vs 1 process" in result.stdout
+@pytest.mark.parametrize("flags, message", [
+    (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"),
+    (["--amp", "bf16", "--conv", "winograd", "--device", "cpu"],
+     "--conv winograd runs in fp32 only"),
+    (["--conv", "fft", "--device", "cpu"], "--conv 'fft'"),
+    (["--arch", "convlsmt", "--device", "cpu"], "unknown preset 'convlsmt'"),
+    (["--repeats", "0"], "--repeats"),
+])
+def test_bad_settings_stop_with_one_line(capsys, flags, message):
+    assert utils.run_cli(bench.main, flags) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.slow
+def test_bad_flag_from_the_command_line_is_one_line():
+    result = run_tool("bench", "--conv", "auto", "--device", "cpu")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: --conv 'auto'") and result.stderr.count("\n") == 1
+
+
+def test_amp_check_runs_and_bf16_tracks_fp32(mnist_root):
+    r = amp_loss_check("tiny", "bf16", steps=3, batch=2, frames_input=2, frames_output=2,
+                       image_size=32, device=torch.device("cpu"), data_root=str(mnist_root))
+    assert r["data"] == f"MNIST digits from {mnist_root}"
+    assert len(r["fp32"]["losses"]) == len(r["bf16"]["losses"]) == 3
+    assert r["fp32"]["losses"][0] == pytest.approx(r["bf16"]["losses"][0], rel=0.02)
+    assert abs(r["val_mse_fp32_ratio"] - 1) < 0.05
+
+
+@pytest.mark.slow
+def test_amp_check_command_writes_json(tmp_path):
+    out = tmp_path / "amp.json"
+    result = run_tool("amp_check", "--steps", "2", "--batch-size", "2", "--frames-input", "2",
+                      "--frames-output", "2", "--image-size", "32", "--device", "cpu",
+                      "--json", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    r = json.loads(out.read_text())
+    assert r["data"] == "random block shapes" and len(r["bf16"]["losses"]) == 2
+    assert "val_mse_fp32" in result.stdout and "ratio" in result.stdout
 
 
 @pytest.mark.parametrize("name", ["convlstm", "convgru"])
@@ -212,7 +199,7 @@ def test_state_dtypes_are_stable_under_bf16_autocast(cell_cls):
     x = torch.rand(2, 4, 3, 8, 8)
     dtypes = []
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        outs, state = None, None
+        state = None
         for t in range(x.shape[1]):
             out, state = cell(x[:, t], state)
             parts = state if isinstance(state, tuple) else (state,)
@@ -224,21 +211,3 @@ def test_state_dtypes_are_stable_under_bf16_autocast(cell_cls):
     else:  # the GRU's H accumulates: fp32
         assert dtypes[0] == (torch.float32, torch.float32)
     assert outs.dtype == dtypes[0][0]
-
-
-def test_loss_check_runs_and_bf16_tracks_fp32():
-    from bench import amp_loss_check
-    r = amp_loss_check("tiny", "bf16", steps=3, batch=2, frames_input=2, frames_output=2,
-                       image_size=32, device=torch.device("cpu"))
-    assert len(r["fp32"]["losses"]) == len(r["bf16"]["losses"]) == 3
-    assert abs(r["val_mse_fp32_ratio"] - 1) < 0.05
-
-
-def test_bad_settings_stop_with_one_line():
-    from bench import main
-    with pytest.raises(SystemExit, match="fp16 needs a CUDA device"):
-        main(["--amp", "fp16", "--device", "cpu"])
-    with pytest.raises(SystemExit, match="Winograd convolution runs in fp32/fp64 only"):
-        main(["--amp", "bf16", "--conv", "winograd", "--device", "cpu"])
-    with pytest.raises(SystemExit, match="unknown preset 'convlsmt'"):
-        main(["--arch", "convlsmt", "--device", "cpu"])

@@ -1,7 +1,8 @@
 """Tests for data/mm.py: Moving MNIST generation, MNIST files, test sets, custom arrays.
 
-They read the MNIST test digits from shared/data/mnist beside the repo (or $MNIST_ROOT)
-and never touch the internet: downloads are served from 127.0.0.1.
+They read synthetic digits in the real IDX format (conftest's mnist_root); the tests
+marked real_data read the real files in $MNIST_ROOT. Nothing touches the internet:
+downloads are served from 127.0.0.1.
 """
 
 import functools
@@ -22,22 +23,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from data import mm
+from helpers import said
 
 REPO = Path(__file__).resolve().parents[1]
-MNIST_ROOT = Path(os.environ.get(
-    "MNIST_ROOT", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
-TEST_MD5 = "9fb629c4189551a2d022fa330f9573f3"
 
-# The shared folder has no training file, so the documented fallback warns; that is
-# tested once below and is noise everywhere else.
+# A folder with only the test file falls back to splitting it, and warns; that is tested
+# once below and is noise everywhere else.
 pytestmark = pytest.mark.filterwarnings("ignore:train-images-idx3-ubyte.gz is not in")
 
 
 @pytest.fixture(scope="module")
-def pools():
-    if not (MNIST_ROOT / mm.TEST_IMAGES).exists():
-        pytest.skip(f"no {mm.TEST_IMAGES} in {MNIST_ROOT} (set MNIST_ROOT)")
-    return mm.digit_pools(MNIST_ROOT, download=False)
+def pools(mnist_root):
+    return mm.digit_pools(mnist_root, download=False)
 
 
 def make_dataset(digits, is_train=True, length=32, **kw):
@@ -151,6 +148,18 @@ def test_dataloader_workers_epochs_and_ranks(pools):
     assert not set(as_bytes(other_rank)) & set(e0)
 
 
+def test_epoch_index_keys_work_in_persistent_workers(pools):
+    ds = make_dataset(pools[0], length=8)
+    by_key = [torch.cat(ds[(3, i)]).numpy().tobytes() for i in range(8)]
+    assert by_key == as_bytes(ds, epoch=3)  # dataset[(epoch, i)] is sequence i of that epoch
+    ds.set_epoch(0)
+    loader = DataLoader(ds, sampler=[(3, i) for i in range(8)], batch_size=4, num_workers=1,
+                        persistent_workers=True)
+    for _ in range(2):  # the same workers, twice
+        seen = [torch.cat([x, y], 1)[j].numpy().tobytes() for x, y in loader for j in range(len(x))]
+        assert seen == by_key
+
+
 def test_heldout_set_is_fixed_across_epochs_and_ranks(pools):
     val = make_dataset(pools[1], is_train=False)
     first = as_bytes(val)
@@ -164,29 +173,30 @@ def test_heldout_set_is_fixed_across_epochs_and_ranks(pools):
 # -----------------------------------------------------------------------------
 # 3. digit pools
 
-def test_fallback_pools_are_disjoint_and_warn_once(monkeypatch):
-    if not (MNIST_ROOT / mm.TEST_IMAGES).exists():
-        pytest.skip(f"no {mm.TEST_IMAGES} in {MNIST_ROOT}")
+def test_fallback_pools_are_disjoint_and_warn_once(mnist_root, tmp_path, monkeypatch):
+    only_test = tmp_path / "only_test"
+    only_test.mkdir()
+    (only_test / mm.TEST_IMAGES).write_bytes((mnist_root / mm.TEST_IMAGES).read_bytes())
+    monkeypatch.setattr(mm, "FALLBACK_SPLIT", 400)  # the fixture holds 500 test digits
     monkeypatch.setattr(mm, "_POOLS", {})
     monkeypatch.setattr(mm, "_FALLBACK_WARNED", False)
     with pytest.warns(UserWarning, match="can't be compared with published"):
-        train, heldout = mm.digit_pools(MNIST_ROOT, download=False)
-    test = mm.load_mnist(MNIST_ROOT / mm.TEST_IMAGES)
-    np.testing.assert_array_equal(train, test[:8000])
-    np.testing.assert_array_equal(heldout, test[8000:])
-    assert not {d.tobytes() for d in train} & {d.tobytes() for d in heldout}
+        train, heldout = mm.digit_pools(only_test, download=False)
+    test = mm.load_mnist(only_test / mm.TEST_IMAGES)
+    np.testing.assert_array_equal(train, test[:400])
+    np.testing.assert_array_equal(heldout, test[400:])
 
     monkeypatch.setattr(mm, "_POOLS", {})  # reload, but don't warn again
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        mm.digit_pools(MNIST_ROOT, download=False)
-    assert mm.digit_pools(MNIST_ROOT, download=False)[0] is mm.digit_pools(
-        MNIST_ROOT, download=False)[0]  # cached
+        mm.digit_pools(only_test, download=False)
+    assert mm.digit_pools(only_test, download=False)[0] is mm.digit_pools(
+        only_test, download=False)[0]  # cached
 
 
-def test_datasets_draw_from_their_pool(pools):
-    train = mm.MovingMNIST(MNIST_ROOT, True, 10, 10, [2], download=False)
-    val = mm.MovingMNIST(MNIST_ROOT, False, 10, 10, [2], download=False)
+def test_datasets_draw_from_their_pool(mnist_root, pools):
+    train = mm.MovingMNIST(mnist_root, True, 10, 10, [2], download=False)
+    val = mm.MovingMNIST(mnist_root, False, 10, 10, [2], download=False)
     assert train.digits is pools[0] and val.digits is pools[1]
 
 
@@ -214,12 +224,20 @@ def write_idx(path, images):
         f.write(header + images.tobytes())
 
 
-def test_reads_the_real_mnist_test_file(pools):
-    path = MNIST_ROOT / mm.TEST_IMAGES
-    assert hashlib.md5(path.read_bytes()).hexdigest() == TEST_MD5 == mm.MNIST_FILES[mm.TEST_IMAGES]
-    images = mm.load_mnist(path)
+@pytest.mark.real_data
+def test_reads_the_real_mnist_test_file(real_mnist_root):
+    images = mm.load_mnist(real_mnist_root / mm.TEST_IMAGES)
     assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
     assert images.max() == 255 and 0.1 < images.mean() / 255 < 0.15  # MNIST ink ~13%
+
+
+@pytest.mark.real_data
+def test_the_real_file_passes_the_download_check(real_mnist_root, tmp_path, server):
+    url, folder = server
+    (folder / mm.TEST_IMAGES).write_bytes((real_mnist_root / mm.TEST_IMAGES).read_bytes())
+    path = mm.download_file(mm.TEST_IMAGES, tmp_path, mm.MNIST_FILES[mm.TEST_IMAGES], [url],
+                            timeout=5)
+    assert path.read_bytes() == (real_mnist_root / mm.TEST_IMAGES).read_bytes()
 
 
 def test_reads_raw_idx(tmp_path, pools):
@@ -232,13 +250,13 @@ def test_reads_raw_idx(tmp_path, pools):
 @pytest.mark.parametrize("damage, message", [
     (lambda b: b[:len(b) // 2], "truncated or corrupt"),
     (lambda b: b[:500] + bytes(x ^ 0xFF for x in b[500:600]) + b[600:], "truncated or corrupt"),
-    (lambda b: gzip.compress(gzip.decompress(b)[:-100], 1), "holds 7839900"),
+    (lambda b: gzip.compress(gzip.decompress(b)[:-100], 1), f"holds {500 * 784 - 100}"),
     (lambda b: gzip.compress(b"\0\0\x08\x01" + gzip.decompress(b)[4:], 1), "magic number 2049"),
     (lambda b: b"\0\0\x08", "too short"),
 ])
-def test_rejects_damaged_idx(tmp_path, pools, damage, message):
+def test_rejects_damaged_idx(tmp_path, mnist_root, damage, message):
     bad = tmp_path / mm.TEST_IMAGES
-    bad.write_bytes(damage((MNIST_ROOT / mm.TEST_IMAGES).read_bytes()))
+    bad.write_bytes(damage((mnist_root / mm.TEST_IMAGES).read_bytes()))
     with pytest.raises(ValueError, match=message) as e:
         mm.load_mnist(bad)
     assert str(bad) in str(e.value) and "delete it" in str(e.value)
@@ -291,7 +309,7 @@ def test_download_rejects_wrong_md5_and_leaves_nothing(tmp_path, server):
     url, folder = server
     (folder / "x.bin").write_bytes(b"corrupted" * 1000)
     root = tmp_path / "root"
-    with pytest.raises(RuntimeError, match=r"md5 .* expected 0123.*by hand.*x\.bin") as e:
+    with pytest.raises(mm.UsageError, match=r"md5 .* expected 0123.*by hand.*x\.bin") as e:
         mm.download_file("x.bin", root, "0123456789abcdef0123456789abcdef", [url], timeout=5)
     assert url + "x.bin" in str(e.value) and "\n" not in str(e.value)
     assert os.listdir(root) == []
@@ -301,7 +319,7 @@ def test_download_unreachable_server_is_a_clear_error(tmp_path, server):
     url, _ = server
     root = tmp_path / "root"
     dead = closed_port_url()
-    with pytest.raises(RuntimeError, match="could not download x.bin") as e:
+    with pytest.raises(mm.UsageError, match="could not download x.bin") as e:
         mm.download_file("x.bin", root, "0" * 32, [dead, url], timeout=5)  # down; 404
     message = str(e.value)
     assert dead + "x.bin" in message and url + "x.bin" in message and "404" in message
@@ -309,32 +327,33 @@ def test_download_unreachable_server_is_a_clear_error(tmp_path, server):
     assert os.listdir(root) == []
 
 
-def test_download_cli_and_fallback_with_local_mirror(tmp_path, server, pools, monkeypatch,
+def test_download_cli_and_fallback_with_local_mirror(tmp_path, server, mnist_root, monkeypatch,
                                                     capsys):
     url, folder = server
-    (folder / mm.TEST_IMAGES).write_bytes((MNIST_ROOT / mm.TEST_IMAGES).read_bytes())
+    test_bytes = (mnist_root / mm.TEST_IMAGES).read_bytes()
+    (folder / mm.TEST_IMAGES).write_bytes(test_bytes)
     monkeypatch.setattr(mm, "MNIST_MIRRORS", [url])  # serves the test file only
+    monkeypatch.setitem(mm.MNIST_FILES, mm.TEST_IMAGES, hashlib.md5(test_bytes).hexdigest())
+    monkeypatch.setattr(mm, "FALLBACK_SPLIT", 400)
     root = tmp_path / "root"
-    with pytest.raises(SystemExit) as e:
-        mm.main(["download", "--root", str(root)])
-    assert e.value.code == 1
-    err = capsys.readouterr().err
-    assert f"error: could not download {mm.TRAIN_IMAGES}" in err
-    assert f"could not download {mm.TEST_IMAGES}" not in err
+    assert mm.run_cli(mm.main, ["download", "--root", str(root)]) == 1
+    err = said(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith(f"error: could not download {mm.TRAIN_IMAGES}")
+    assert f"could not download {mm.TEST_IMAGES}" not in err[0]
     assert sorted(os.listdir(root)) == [mm.TEST_IMAGES]  # fetched, md5 checked
     # The training file can't be had, so the pools fall back to the test digits.
     train, heldout = mm.digit_pools(root, download=True)
-    np.testing.assert_array_equal(heldout, pools[1])
+    np.testing.assert_array_equal(heldout, mm.load_mnist(root / mm.TEST_IMAGES)[400:])
 
 
 # -----------------------------------------------------------------------------
 # 6. fixed test sets
 
-def test_make_test_set_round_trips_and_is_deterministic(tmp_path, pools):
-    arr = mm.make_test_set(MNIST_ROOT, 6, download=False)
+def test_make_test_set_round_trips_and_is_deterministic(tmp_path, mnist_root, pools):
+    arr = mm.make_test_set(mnist_root, 6, download=False)
     assert arr.shape == (20, 6, 64, 64) and arr.dtype == np.uint8
-    np.testing.assert_array_equal(arr, mm.make_test_set(MNIST_ROOT, 6, download=False))
-    assert not np.array_equal(arr, mm.make_test_set(MNIST_ROOT, 6, seed=1, download=False))
+    np.testing.assert_array_equal(arr, mm.make_test_set(mnist_root, 6, download=False))
+    assert not np.array_equal(arr, mm.make_test_set(mnist_root, 6, seed=1, download=False))
     np.save(tmp_path / "t.npy", arr)
     np.testing.assert_array_equal(mm.load_test_set(tmp_path / "t.npy"), arr)
     # Test sequences are not validation sequences of the same seed.
@@ -343,16 +362,36 @@ def test_make_test_set_round_trips_and_is_deterministic(tmp_path, pools):
     assert first_val.shape == arr[:, 0].shape and not np.array_equal(first_val, arr[:, 0])
 
 
-def test_make_test_set_cli(tmp_path, pools):
+def test_make_test_set_draws_each_sequences_digit_count(mnist_root, pools):
+    one = mm.make_test_set(mnist_root, 40, num_digits=[1], n_frames=2, download=False)
+    three = mm.make_test_set(mnist_root, 40, num_digits=[3], n_frames=2, download=False)
+    both = mm.make_test_set(mnist_root, 40, num_digits=[1, 3], n_frames=2, download=False)
+    # One count draws nothing, so a plain count makes the very same set as before.
+    np.testing.assert_array_equal(one, mm.make_test_set(mnist_root, 40, num_digits=1,
+                                                        n_frames=2, download=False))
+    counts = []
+    for i in range(40):
+        rng = mm._sample_rng(0, mm._STREAM_TEST, 0, 0, i)
+        k = [1, 3][rng.integers(2)]
+        expected = mm.generate_sequence(rng, pools[1], 2, k)
+        np.testing.assert_array_equal(both[:, i], expected)
+        counts.append(k)
+    assert set(counts) == {1, 3}
+    ink = lambda a: (a > 0).mean()
+    assert ink(one) < ink(both) < ink(three)
+
+
+@pytest.mark.slow
+def test_make_test_set_cli(tmp_path, mnist_root):
     out = tmp_path / "sub" / "test.npy"
     result = subprocess.run(
-        [sys.executable, "-m", "data.mm", "make-test-set", "--root", str(MNIST_ROOT),
-         "--out", str(out), "--num", "3", "--seed", "4", "--no-download"],
+        [sys.executable, "-m", "data.mm", "make-test-set", "--root", str(mnist_root),
+         "--out", str(out), "--num", "3", "--seed", "4", "--no-download", "--num-digits", "1", "2"],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "(20, 3, 64, 64)" in result.stdout
-    np.testing.assert_array_equal(mm.load_test_set(out),
-                                  mm.make_test_set(MNIST_ROOT, 3, seed=4, download=False))
+    np.testing.assert_array_equal(mm.load_test_set(out), mm.make_test_set(
+        mnist_root, 3, num_digits=[1, 2], seed=4, download=False))
     assert os.listdir(out.parent) == ["test.npy"]  # the temp file is gone
 
 

@@ -1,16 +1,18 @@
 """Model core: cells against the paper's equations, the runner, the encoder-forecaster."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import model
 from ConvRNN import ConvGRUCell, ConvLSTMCell, group_norm, run_cell
-from model import build_model, count_parameters
+from model import build_model, check_preset, count_parameters
 from net_params import PRESETS, Conv, Preset, Stage, get_preset
+from utils import UsageError
 from helpers import randomize
-
 
 
 def lstm_reference(cell, x, h, c):
@@ -182,13 +184,19 @@ def test_five_stages_work():
 def trained_params_get_gradients(preset):
     torch.manual_seed(0)
     net = build_model(preset)
+    with torch.no_grad():  # a zero-initialised weight (TrajGRU's last flow conv) would
+        for p in net.parameters():  # block the gradient of what feeds it
+            if not p.any():
+                p.normal_(std=0.01)
     # Fully convolutional: a 16x16 input exercises every weight at a fraction of the cost.
-    net(torch.rand(1, 2, 1, 16, 16), frames_output=2).square().mean().backward()
+    y = net(torch.rand(1, 2, 1, 16, 16), frames_output=2)
+    assert y.shape == (1, 2, preset.frame_channels, 16, 16)
+    y.square().mean().backward()
     return {n for n, p in net.named_parameters() if p.grad is None or p.grad.abs().sum() == 0}
 
 
-@pytest.mark.parametrize("name", ["convlstm", "convgru", "tiny"])
-def test_gradients_reach_every_parameter(name):
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_runs_and_gradients_reach_every_parameter(name):
     assert trained_params_get_gradients(get_preset(name)) == set()
 
 
@@ -216,10 +224,66 @@ def test_parameter_counts_of_the_original_architecture():
     assert count_parameters(build_model("convgru")) == 6_189_089
 
 
-def test_preset_round_trips_through_dict():
-    preset = get_preset("convlstm")
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_round_trips_through_dict(name):
+    preset = get_preset(name)
     assert Preset.from_dict(preset.to_dict()) == preset
-    assert count_parameters(build_model(preset.to_dict())) == 8_110_625
+    assert count_parameters(build_model(preset.to_dict())) == count_parameters(build_model(name))
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_passes_check_preset(name):
+    assert check_preset(get_preset(name)) is None
+    assert not hasattr(model, "validate"), "'validate' is the validation set's word"
+
+
+def test_head_activation_of_the_presets():
+    # The original ends in LeakyReLU; trajgru follows Shi et al. 2017 and tiny is our own.
+    expected = {"convlstm": "leaky", "convgru": "leaky", "trajgru": None, "tiny": None}
+    assert expected.items() <= {n: p.head_activation for n, p in PRESETS.items()}.items()
+    assert Preset(cell="convlstm", stages=[], head=[]).head_activation is None
+
+
+def output_and_raw_head(net, x):
+    """The model's output and what the head's last conv itself returned, both (B, T, C, H, W).
+
+    A copy: the LeakyReLU after it works in place."""
+    seen = []
+    hook = net.forecaster.head[-1][0].register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+    y = net(x, frames_output=2)
+    hook.remove()
+    return y, seen[0].unflatten(0, y.shape[:2])
+
+
+@pytest.mark.parametrize("activation", [None, "leaky"])
+def test_head_activation_is_a_leaky_relu_after_the_last_conv_or_nothing(activation):
+    preset = dataclasses.replace(get_preset("tiny"), head_activation=activation)
+    torch.manual_seed(0)
+    net = randomize(build_model(preset))
+    y, raw = output_and_raw_head(net, torch.rand(2, 3, 1, 16, 16))
+    assert (raw < 0).any(), "the test needs negative outputs to tell the two apart"
+    torch.testing.assert_close(y, raw if activation is None else F.leaky_relu(raw, 0.2),
+                               atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["convlstm", "convgru"])
+def test_head_activation_changes_no_parameter(name):
+    leaky = build_model(name)
+    raw = build_model(dataclasses.replace(get_preset(name), head_activation=None))
+    shapes = lambda net: [(k, t.shape) for k, t in net.state_dict().items()]
+    assert shapes(leaky) == shapes(raw)
+    assert "forecaster.head.0.0.weight" in leaky.state_dict()
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_configs_saved_before_head_activation_rebuild_the_raw_output_model(name):
+    old = get_preset(name).to_dict()
+    del old["head_activation"]
+    assert Preset.from_dict(old).head_activation is None
+    torch.manual_seed(0)
+    net = build_model(old)
+    y, raw = output_and_raw_head(net, torch.rand(1, 2, 1, 16, 16))
+    torch.testing.assert_close(y, raw, atol=0, rtol=0)
 
 
 def test_unknown_preset_lists_known_ones():
@@ -248,10 +312,27 @@ def edited(name, edit):
     (lambda p: setattr(p.head[0], "out_channels", 3), r"head's last conv makes 3 channels"),
     (lambda p: setattr(p.head[0], "in_channels", 8), r"head conv 1: expects 8 input channels"),
     (lambda p: setattr(p, "cell", "convrnn"), r"unknown cell 'convrnn'"),
+    (lambda p: setattr(p, "cell_options", {"peepole": True}),
+     r"cell_options: convlstm cells take no option 'peepole'; their options are peephole "
+     r"\(norm is the preset's own field\); fix net_params.py"),
+    (lambda p: setattr(p, "cell_options", {"norm": "group"}), r"set the norm with the preset's norm"),
+    (lambda p: setattr(p, "norm", "batch"), r"norm 'batch' is unknown"),
+    (lambda p: setattr(p, "head_activation", "sigmoid"),
+     r"head_activation 'sigmoid' is unknown; use 'leaky' .* or None .*; fix net_params.py"),
 ])
 def test_bad_presets_fail_clearly(edit, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UsageError, match=message):
         build_model(edited("convlstm", edit))
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("trajgru", {"link": 13}, r"trajgru cells take no option 'link'; their options are links, "
+                              r"flow_channels, input_kernel_size"),
+    ("convgru", {"peephole": True}, r"convgru cells take no options, got 'peephole'"),
+])
+def test_cell_options_name_what_the_cell_takes(name, options, message):
+    with pytest.raises(UsageError, match=message):
+        check_preset(dataclasses.replace(get_preset(name), cell_options=options))
 
 
 def test_bad_input_size_is_a_clear_error():

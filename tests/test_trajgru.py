@@ -41,8 +41,10 @@ def maybe_group_norm(norm, t):
 
 
 def trajgru_reference(cell, x, h):
-    """Shi et al. 2017 TrajGRU, one step, transcribed link by link. x may be None."""
-    L, pad = cell.links, cell.kernel_size // 2
+    """Shi et al. 2017 TrajGRU, one step, transcribed link by link, as the official code:
+    i2h and h2h each with a bias, of which only i2h's candidate part is not redundant.
+    x=None is a zero input; a cell without input channels has no i2h at all."""
+    L, pad, C = cell.links, cell.kernel_size // 2, cell.hidden_channels
     f = F.conv2d(h, cell.flow_hidden_conv.weight, cell.flow_hidden_conv.bias, padding=pad)
     if x is not None:
         f = f + F.conv2d(x, cell.flow_input_conv.weight, padding=pad)
@@ -51,10 +53,15 @@ def trajgru_reference(cell, x, h):
     warped = [reference_warp(h, flows[:, 2 * l], flows[:, 2 * l + 1]) for l in range(L)]
     h2h = F.conv2d(torch.cat(warped, 1), cell.hidden_conv.weight, cell.hidden_conv.bias)
     h2h_r, h2h_z, h2h_h = h2h.chunk(3, 1)
-    if x is None:
+    if cell.input_channels == 0:
         i2h_r = i2h_z = i2h_h = torch.zeros_like(h)
     else:
-        i2h = F.conv2d(x, cell.input_conv.weight, padding=cell.input_conv.kernel_size[0] // 2)
+        if x is None:
+            x = h.new_zeros(h.shape[0], cell.input_channels, *h.shape[2:])
+        # r's and z's i2h biases would only add to h2h's: zero here, one bias per gate.
+        bias = torch.cat([h.new_zeros(2 * C), cell.candidate_input_bias])
+        i2h = F.conv2d(x, cell.input_conv.weight, bias,
+                       padding=cell.input_conv.kernel_size[0] // 2)
         i2h_r, i2h_z, i2h_h = i2h.chunk(3, 1)
     gates = maybe_group_norm(cell.gate_norm, torch.cat([i2h_r + h2h_r, i2h_z + h2h_z], 1))
     r, z = torch.sigmoid(gates).chunk(2, 1)
@@ -98,6 +105,7 @@ def test_integer_flow_shifts_the_state_by_that_many_pixels():
 def test_trajgru_matches_paper_equations(norm, with_input):
     torch.manual_seed(0)
     cell = randomize(TrajGRUCell(3, 8, 5, links=3, norm=norm).double())
+    assert cell.candidate_input_bias.abs().min() > 0.001  # b_h must count in the comparison
     x = torch.randn(2, 3, 9, 7, dtype=torch.float64) if with_input else None
     h = torch.randn(2, 8, 9, 7, dtype=torch.float64)
     # The random flows are pixels wide and sample fractions, borders and outside the map.
@@ -173,6 +181,37 @@ def test_input_free_cell_has_no_input_convs():
         cell(None, None)
 
 
+def test_state_dicts_without_the_candidate_bias_load_as_the_old_cell():
+    torch.manual_seed(0)
+    old = randomize(TrajGRUCell(3, 8, 5, links=3).double())
+    with torch.no_grad():
+        old.candidate_input_bias.zero_()  # what a cell computed before b_h existed
+    state = old.state_dict()
+    del state["candidate_input_bias"]
+    new = randomize(TrajGRUCell(3, 8, 5, links=3).double(), seed=1)
+    new.load_state_dict(state)  # strict
+    assert "candidate_input_bias" not in state, "the caller's dict must stay as it was"
+    assert new.candidate_input_bias.abs().max() == 0
+    x, h = (torch.randn(2, n, 9, 7, dtype=torch.float64) for n in (3, 8))
+    torch.testing.assert_close(new(x, h)[0], old(x, h)[0], atol=1e-12, rtol=0)
+
+
+def test_old_trajgru_checkpoints_load_and_other_keys_stay_required():
+    state = randomize(build_model("trajgru")).state_dict()
+    old = {k: v for k, v in state.items() if not k.endswith("candidate_input_bias")}
+    assert len(state) - len(old) == 5  # every cell but the forecaster's top one, which has no input
+    net = build_model("trajgru")
+    net.load_state_dict(old)
+    assert all(p.abs().max() == 0 for n, p in net.named_parameters()
+               if n.endswith("candidate_input_bias"))
+    with pytest.raises(RuntimeError, match="Missing key.*encoder.stages.0.cell.hidden_conv.bias"):
+        net.load_state_dict({k: v for k, v in old.items()
+                             if k != "encoder.stages.0.cell.hidden_conv.bias"})
+    top = "forecaster.stages.0.cell.candidate_input_bias"  # the top cell has no input
+    with pytest.raises(RuntimeError, match=f"Unexpected key.*{top}"):
+        net.load_state_dict({**state, top: torch.zeros(96)})
+
+
 def test_bad_links_are_rejected():
     with pytest.raises(ValueError, match="links >= 1"):
         TrajGRUCell(1, 4, 3, links=0)
@@ -205,7 +244,8 @@ def test_trajgru_preset_builds_runs_and_trains_every_parameter():
     assert preset.norm is None and preset.cell_options == {"links": 13}
     torch.manual_seed(0)
     net = build_model(preset)
-    assert count_parameters(net) == 3_869_437
+    # b_h of the five cells with an input (64 + 96 + 96 + 96 + 64 = 416) included.
+    assert count_parameters(net) == 3_869_853
     cells = [m for m in net.modules() if isinstance(m, TrajGRUCell)]
     assert len(cells) == 6 and all(c.links == 13 for c in cells)
     assert not any(type(m).__name__ in ("ConvLSTMCell", "ConvGRUCell") for m in net.modules())

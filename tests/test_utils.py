@@ -23,18 +23,23 @@ def _reference(pred, target):
     """Per-frame metrics written straight from the definitions in REFERENCES.md."""
     p = pred.double().numpy()
     y = target.double().numpy()
-    rows = {"mse": [], "mae": [], "ssim": [], "psnr": []}
+    rows = {"mse": [], "mae": [], "ssim": [], "psnr": [], "ssim_openstl": []}
     for i in range(p.shape[0]):
         for j in range(p.shape[1]):
             raw, true = p[i, j], y[i, j]  # (C, H, W)
             clip = np.clip(raw, 0, 1)
             rows["mse"].append(((raw - true) ** 2).sum())
             rows["mae"].append(np.abs(raw - true).sum())
+            # OpenSTL's convention: float32 frames, data_range 2 (docs/metrics.md)
+            clip32, true32 = clip.astype(np.float32), true.astype(np.float32)
             if raw.shape[0] == 1:
                 rows["ssim"].append(structural_similarity(clip[0], true[0], data_range=1.0))
+                rows["ssim_openstl"].append(structural_similarity(clip32[0], true32[0], data_range=2.0))
             else:  # channel-last, unlike utils, so the two paths differ
                 rows["ssim"].append(structural_similarity(clip.transpose(1, 2, 0), true.transpose(1, 2, 0),
                                                           data_range=1.0, channel_axis=-1))
+                rows["ssim_openstl"].append(structural_similarity(
+                    clip32.transpose(1, 2, 0), true32.transpose(1, 2, 0), data_range=2.0, channel_axis=-1))
             rows["psnr"].append(10 * np.log10(1 / np.mean((clip - true) ** 2)))
     means = {k: float(np.mean(v)) for k, v in rows.items()}
     means["per_frame_mse"] = np.array(rows["mse"]).reshape(p.shape[:2]).mean(0)
@@ -47,10 +52,10 @@ def test_metrics_match_reference(channels):
     acc = utils.MetricAccumulator(4)
     acc.update(pred, target)
     got, want = acc.compute(), _reference(pred, target)
-    for key in ("mse", "mae", "ssim", "psnr"):
+    for key in ("mse", "mae", "ssim", "psnr", "ssim_openstl"):
         assert got[key] == pytest.approx(want[key], abs=1e-6, rel=1e-9), key
     np.testing.assert_allclose(got["per_frame_mse"], want["per_frame_mse"], rtol=1e-9)
-    assert acc.count == 3 and acc.totals.shape == (4, 4) and acc.totals.dtype == torch.float64
+    assert acc.count == 3 and acc.totals.shape == (5, 4) and acc.totals.dtype == torch.float64
 
 
 def test_two_batches_equal_one():
@@ -71,7 +76,7 @@ def test_tensor_round_trip_and_sum_like_all_reduce():
     second.update(pred[3:], target[3:])
 
     flat = whole.as_tensor()
-    assert flat.shape == (4 * 4 + 1,) and flat.dtype == torch.float64
+    assert flat.shape == (5 * 4 + 1,) and flat.dtype == torch.float64
     restored = utils.MetricAccumulator(4)
     restored.load_tensor(flat)
     assert restored.compute() == whole.compute()
@@ -80,10 +85,10 @@ def test_tensor_round_trip_and_sum_like_all_reduce():
     reduced.load_tensor(first.as_tensor() + second.as_tensor())
     assert reduced.count == 6
     got, want = reduced.compute(), whole.compute()
-    for key in ("mse", "mae", "ssim", "psnr"):
+    for key in ("mse", "mae", "ssim", "psnr", "ssim_openstl"):
         assert got[key] == pytest.approx(want[key], rel=1e-12)
 
-    with pytest.raises(ValueError, match="17"):
+    with pytest.raises(ValueError, match="21"):
         utils.MetricAccumulator(4).load_tensor(torch.zeros(5))
 
 
@@ -273,13 +278,6 @@ def test_rng_state_survives_save_and_load():
     assert np.array_equal(np.random.standard_normal(5), expected_np)
 
 
-def test_seed_everything_is_reproducible():
-    utils.seed_everything(7)
-    a = torch.rand(3)
-    utils.seed_everything(7)
-    assert torch.equal(torch.rand(3), a)
-
-
 def test_pick_device():
     assert utils.pick_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="not a device name"):
@@ -295,11 +293,37 @@ def test_pick_device():
 
 def test_format_metrics_table():
     table = utils.format_metrics_table({
-        "model": {"mse": 23.456, "mae": 72.8, "ssim": 0.94621, "psnr": 21.3, "per_frame_mse": [1.0]},
+        "model": {"mse": 23.456, "mae": 72.8, "ssim": 0.94621, "psnr": 21.3, "ssim_openstl": 0.95,
+                  "per_frame_mse": [1.0]},
         "copy_last_baseline": {"mse": 307.0, "mae": 360.0, "ssim": 0.64},
     })
     lines = table.splitlines()
-    assert lines[0].split() == ["model", "mse", "mae", "ssim", "psnr"]
-    assert lines[2].split() == ["model", "23.46", "72.80", "0.9462", "21.30"]
-    assert lines[3].split() == ["copy_last_baseline", "307.00", "360.00", "0.6400", "-"]
+    assert lines[0].split() == ["model", "mse", "mae", "ssim", "psnr", "ssim_openstl"]
+    assert lines[2].split() == ["model", "23.46", "72.80", "0.9462", "21.30", "0.9500"]
+    assert lines[3].split() == ["copy_last_baseline", "307.00", "360.00", "0.6400", "-", "-"]
     assert len({len(line) for line in lines}) == 1  # columns line up
+
+
+def test_one_evaluation_loop_scores_model_and_baselines():
+    """utils.score: the model's metrics and loss, a baseline's, the first batch, restored mode."""
+    g = torch.Generator().manual_seed(0)
+    inputs, targets = torch.rand(5, 3, 1, 8, 8, generator=g), torch.rand(5, 2, 1, 8, 8, generator=g)
+    loader = [(inputs[:3], targets[:3]), (inputs[3:], targets[3:])]
+
+    class Half(torch.nn.Module):
+        def forward(self, x, frames_output):
+            return x[:, -1:].repeat(1, frames_output, 1, 1, 1) * 0.5
+
+    model = Half().train()
+    scores = utils.score(model, loader, torch.device("cpu"), utils.autocast_context(
+        torch.device("cpu"), "none"), 2, baselines={"copy": utils.copy_last_frame})
+    assert model.training and scores.sequences == 5
+    half, copy = utils.MetricAccumulator(2), utils.MetricAccumulator(2)
+    half.update(inputs[:, -1:].repeat(1, 2, 1, 1, 1) * 0.5, targets)
+    copy.update(utils.copy_last_frame(inputs, 2), targets)
+    for name, want in (("model", half), ("copy", copy)):
+        got = scores.metrics[name].compute()
+        for key in utils.METRIC_NAMES:
+            assert got[key] == pytest.approx(want.compute()[key], rel=1e-12), (name, key)
+    assert scores.loss == pytest.approx(((inputs[:, -1:] * 0.5 - targets) ** 2).mean().item())
+    assert torch.equal(scores.first_batch[0], inputs[:3])

@@ -1,4 +1,4 @@
-"""The textbook encoder-forecaster, as the original repo computed it: the baseline of bench.py.
+"""The textbook encoder-forecaster as the original repo computed it: tools/bench.py's baseline.
 
 Same architecture as a net_params preset, computed the straightforward way:
 
@@ -10,9 +10,10 @@ Same architecture as a net_params preset, computed the straightforward way:
 * no time-batched input convolution, fp32, no compile.
 
 So for the original architecture it has the original repo's parameter counts (convlstm
-9,032,225, convgru 6,880,289) and FLOPs. Training never uses it: bench.py times it to say
-how much the fast model gains, and tests/test_bench.py checks that both compute the same
-function (`load_fast_weights` copies a fast model's weights in).
+9,032,225, convgru 6,880,289) and FLOPs. Training never uses it: tools/bench.py times it to
+say how much the fast model gains, and tests/test_textbook.py checks that both compute the
+same function (`load_fast_weights` copies a fast model's weights in). The head is the fast
+model's (`decoder.build_head`), so it honours the preset's head_activation.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import torch
 from torch import nn
 
 from ConvRNN import ConvGRUCell, ConvLSTMCell, _norm
+from decoder import build_head
 from encoder import conv_block, per_frame
 from net_params import Preset
 
 
-class ReferenceConvLSTMCell(nn.Module):
+class TextbookConvLSTMCell(nn.Module):
     """Shi et al. 2015 eq. 3 on cat(x, h). x: (B, C_in, H, W); state (h, c) -> (h, (h, c))."""
 
     def __init__(self, input_channels: int, hidden_channels: int, kernel_size: int, *,
@@ -55,7 +57,7 @@ class ReferenceConvLSTMCell(nn.Module):
         return zeros, zeros.clone()
 
 
-class ReferenceConvGRUCell(nn.Module):
+class TextbookConvGRUCell(nn.Module):
     """The GRU of ConvRNN.ConvGRUCell on cat(x, h) and cat(x, r∘h). state h -> (h, h)."""
 
     def __init__(self, input_channels: int, hidden_channels: int, kernel_size: int, *,
@@ -80,10 +82,10 @@ class ReferenceConvGRUCell(nn.Module):
         return like.new_zeros(like.shape[0], self.hidden_channels, *like.shape[2:])
 
 
-REFERENCE_CELLS = {"convlstm": ReferenceConvLSTMCell, "convgru": ReferenceConvGRUCell}
+TEXTBOOK_CELLS = {"convlstm": TextbookConvLSTMCell, "convgru": TextbookConvGRUCell}
 
 
-def run_reference_cell(cell, inputs: torch.Tensor, state):
+def run_textbook_cell(cell, inputs: torch.Tensor, state):
     """Textbook loop, one cat-conv per step. inputs (B, T, C_in, H, W) -> (B, T, C_hid, H, W)."""
     outputs = []
     for t in range(inputs.shape[1]):
@@ -92,7 +94,7 @@ def run_reference_cell(cell, inputs: torch.Tensor, state):
     return torch.stack(outputs, dim=1), state
 
 
-class ReferenceEncoderForecaster(nn.Module):
+class TextbookEncoderForecaster(nn.Module):
     """(B, T_in, C, H, W) -> (B, T_out, C, H, W), like model.EncoderForecaster, the slow way.
 
     Module names mirror the fast model (encoder.stages[k].down/.cell,
@@ -101,11 +103,11 @@ class ReferenceEncoderForecaster(nn.Module):
 
     def __init__(self, preset: Preset):
         super().__init__()
-        if preset.cell not in REFERENCE_CELLS:
-            raise ValueError(f"reference.py has no textbook {preset.cell!r} cell; "
-                             f"it knows {', '.join(sorted(REFERENCE_CELLS))}")
+        if preset.cell not in TEXTBOOK_CELLS:
+            raise ValueError(f"textbook.py has no textbook {preset.cell!r} cell; "
+                             f"it knows {', '.join(sorted(TEXTBOOK_CELLS))}")
         self.preset = preset
-        cell_cls = REFERENCE_CELLS[preset.cell]
+        cell_cls = TEXTBOOK_CELLS[preset.cell]
         stages = preset.stages
 
         def cell(input_channels, hidden):
@@ -128,40 +130,38 @@ class ReferenceEncoderForecaster(nn.Module):
                               stages[k].hidden)
             stage.up = conv_block(stages[k].up)
             self.forecaster.stages.append(stage)
-        last = len(preset.head) - 1
-        self.forecaster.head = nn.Sequential(*(conv_block(spec, activation=i < last)
-                                               for i, spec in enumerate(preset.head)))
+        self.forecaster.head = build_head(preset)
 
     def forward(self, x: torch.Tensor, frames_output: int | None = None) -> torch.Tensor:
         frames_output = self.preset.frames_output if frames_output is None else frames_output
         states = []
         for stage in self.encoder.stages:
             x = per_frame(stage.down, x)                                   # (B, T, C_k, H_k, W_k)
-            x, state = run_reference_cell(stage.cell, x, stage.cell.zero_state(x[:, 0]))
+            x, state = run_textbook_cell(stage.cell, x, stage.cell.zero_state(x[:, 0]))
             states.append(state)
         top_hidden = self.preset.stages[-1].hidden
         B, (H, W) = x.shape[0], x.shape[-2:]
         x = x.new_zeros(B, frames_output, top_hidden, H, W)  # the top cell's all-zero input
         for stage, state in zip(self.forecaster.stages, reversed(states)):
-            x, _ = run_reference_cell(stage.cell, x, state)                # (B, T, hidden_k, ...)
+            x, _ = run_textbook_cell(stage.cell, x, state)                # (B, T, hidden_k, ...)
             x = per_frame(stage.up, x)                                     # (B, T, C, H_k-1, W_k-1)
         return per_frame(self.forecaster.head, x)                         # (B, T, C_frame, H, W)
 
 
-def build_reference(preset: Preset) -> ReferenceEncoderForecaster:
-    return ReferenceEncoderForecaster(preset)
+def build_textbook(preset: Preset) -> TextbookEncoderForecaster:
+    return TextbookEncoderForecaster(preset)
 
 
 @torch.no_grad()
-def load_fast_weights(reference: ReferenceEncoderForecaster, fast: nn.Module) -> None:
-    """Copy a model.EncoderForecaster's weights into ``reference``, so both compute the same.
+def load_fast_weights(textbook: TextbookEncoderForecaster, fast: nn.Module) -> None:
+    """Copy a model.EncoderForecaster's weights into ``textbook``, so both compute the same.
 
     The split input/state convolutions are concatenated along the input channels into the
     cat(x, h) convolution. The top forecaster cell's input weights multiply zeros and are
     set to zero.
     """
-    ref_cells = [s.cell for s in reference.encoder.stages] + \
-                [s.cell for s in reference.forecaster.stages]
+    ref_cells = [s.cell for s in textbook.encoder.stages] + \
+                [s.cell for s in textbook.forecaster.stages]
     fast_cells = [s.cell for s in fast.encoder.stages] + [s.cell for s in fast.forecaster.stages]
     for ref, cell in zip(ref_cells, fast_cells):
         if isinstance(cell, ConvLSTMCell):
@@ -179,7 +179,7 @@ def load_fast_weights(reference: ReferenceEncoderForecaster, fast: nn.Module) ->
             ref_conv.bias.copy_(hidden_conv.bias)
     # Everything else (norms, peepholes, down/up blocks, head) has the same names.
     cell_conv = ("input_conv", "hidden_conv", "gate_conv", "candidate_conv")
-    ref_params = dict(reference.named_parameters())
+    ref_params = dict(textbook.named_parameters())
     for name, p in fast.named_parameters():
         if ".cell." in name and any(key in name for key in cell_conv):
             continue

@@ -1,4 +1,5 @@
-"""Winograd convolution F(4x4, 5x5) for the cells' stride-1 "same" convolutions.
+"""Winograd convolution F(4x4, 5x5), opt-in: `use_winograd(model)` runs the wide 5x5 cell
+convolutions of a model with it. docs/speed.md has the measurements and the story.
 
 Lavin & Gray 2016 ("Fast Algorithms for Convolutional Neural Networks", arXiv 1509.09308):
 each 4x4 output tile of an r x r convolution is
@@ -6,26 +7,24 @@ each 4x4 output tile of an r x r convolution is
     Y = A^T [ (G g G^T) * (B^T d B) ] A        (* elementwise, d the (4+r-1)^2 input tile)
 
 so the channel mixing becomes 64 independent matrix products, one per "bin", with
-64 / 16 = 4 multiplies per output pixel and channel pair instead of 25 (6.25x fewer) for
-the original ConvLSTM's 5x5 kernels. The transforms are matrix products (Kronecker form)
-with constant matrices, so the backward pass, which autograd assembles, is itself a
-Winograd algorithm for grad input and grad weight. Only 5x5 is built: F(4x4, 3x3) was
-slower than oneDNN's direct 3x3 kernels at every width the presets use (measured).
+64 / 16 = 4 multiplies per output pixel and channel pair instead of 25 for a 5x5 kernel.
+The transforms are matrix products with constant matrices, so the backward pass, which
+autograd assembles, is itself a Winograd algorithm for grad input and grad weight.
 
-Why it exists: on the CPU the model's direct convolutions already run at the fp32 FMA peak
-(see bench.py), so fewer multiplies is the only way left to a faster fp32 step. On CUDA
-cuDNN chooses its own algorithm (Winograd among them) and the direct path stays.
+Why: on the CPU the model's direct fp32 convolutions already run at the FMA peak, so fewer
+multiplies is the only way left to a faster fp32 step. On CUDA cuDNN picks its own
+algorithms. Only 5x5 is built: F(4x4, 3x3) lost to oneDNN's direct 3x3 kernels at every
+width the presets use.
 
 Numerics: the interpolation points are 0, +-1, +-2, +-1/2, the standard choice. In float32
 the result differs from a direct convolution by about 1e-5 of the output's scale (a direct
 convolution's own rounding is about 5e-7); in float64 they agree to 1e-13. Under autocast
-the cells use the direct path: the transforms' coefficients (up to 5.25) would amplify
+the direct convolution runs: the transforms' coefficients (up to 5.25) would amplify
 bf16/fp16 rounding.
 """
 
 from __future__ import annotations
 
-import contextlib
 from fractions import Fraction
 from functools import cache
 
@@ -191,9 +190,9 @@ def _check_weight(weight: torch.Tensor, in_channels: int | None = None) -> None:
 def transform_weight(weight: torch.Tensor) -> torch.Tensor:
     """G g G^T of every (O, C) filter: (O, C, 5, 5) -> (64, C, O), bins first.
 
-    A recurrent cell's state convolution uses the same weights at every step: compute this
-    once per sequence (see `CellConv2d.sequence`) and autograd sums the steps' gradients
-    before transforming them back once.
+    A recurrent cell's state convolution uses the same weights at every step: a
+    WinogradConv2d computes this once per model forward (see `use_winograd`), and autograd
+    sums the steps' gradients before transforming them back once.
     """
     _check_weight(weight)
     O, C = weight.shape[:2]
@@ -252,102 +251,105 @@ def _winograd(x: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
     return y
 
 
-class CellConv2d(nn.Conv2d):
-    """nn.Conv2d ('same' padding, stride 1) that can run as Winograd F(4x4, 5x5).
+class WinogradConv2d(nn.Conv2d):
+    """nn.Conv2d that runs as Winograd F(4x4, 5x5) where that is faster and exact enough.
 
-    The parameters and state_dict are nn.Conv2d's, so checkpoints do not depend on the
-    algorithm. ``algorithm`` is "direct" (F.conv2d) or "winograd"; set it for a whole model
-    with ``set_conv_algorithm``. Winograd runs only where it is faster and exact enough: a
-    5x5 kernel, at least MIN_IN_CHANNELS in and MIN_OUT_CHANNELS out (see their
-    measurements), float32/float64 and no autocast; every other call runs direct.
-
-    Inside ``with conv.sequence():`` (run_cell opens it around its time loop) the
-    transformed weights are computed once and reused by every step.
+    The parameters and state_dict are nn.Conv2d's. `winograd_applies` says when Winograd
+    runs: a 5x5 kernel, stride 1, padding 2, no dilation or groups, zeros padding, at least
+    MIN_IN_CHANNELS in and MIN_OUT_CHANNELS out, float32/float64 weights and input, no
+    autocast. Every other call is the direct F.conv2d. Build one with `use_winograd`.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True):
-        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2,
-                         bias=bias)
-        self.algorithm = "direct"
-        self._reuse = False
-        self._transformed: tuple | None = None  # (key, transform_weight(weight))
+    _reuse: _PerForward | None = None  # set by use_winograd
+
+    @classmethod
+    def sharing(cls, conv: nn.Conv2d) -> WinogradConv2d:
+        """A WinogradConv2d holding the very Parameter objects of ``conv``."""
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                  padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                  bias=conv.bias is not None, padding_mode=conv.padding_mode, device="meta")
+        new.weight, new.bias = conv.weight, conv.bias
+        return new.train(conv.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.algorithm == "winograd" and self.winograd_applies(x):
-            return winograd_conv2d(x, self.weight, self.bias,
-                                   transformed=self._transformed_weight())
+        if self.winograd_applies(x):
+            return winograd_conv2d(x, self.weight, self.bias, transformed=self._transformed())
         return super().forward(x)
 
     def winograd_applies(self, x: torch.Tensor) -> bool:
-        return (self.kernel_size == (KERNEL, KERNEL)
-                and self.in_channels >= MIN_IN_CHANNELS
-                and self.out_channels >= MIN_OUT_CHANNELS
+        return (_shape_fits(self) and x.dim() == 4
                 and self.weight.dtype in (torch.float32, torch.float64)
-                and x.dtype == self.weight.dtype
-                and not _autocast_on(x.device))
+                and x.dtype == self.weight.dtype and not _autocast_on(x.device))
 
-    def _transformed_weight(self) -> torch.Tensor | None:
-        if not self._reuse or torch.compiler.is_compiling():
+    def _transformed(self) -> torch.Tensor | None:
+        """The weight transform shared by this forward's calls; None outside a forward."""
+        reuse = self._reuse
+        if reuse is None or not reuse.active or torch.compiler.is_compiling():
             return None
-        # a new weight version (an optimizer step) or grad mode needs a new transform
+        # a new weight version (an in-place update) or grad mode needs a new transform
         key = (self.weight._version, torch.is_grad_enabled())
-        if self._transformed is None or self._transformed[0] != key:
-            self._transformed = (key, transform_weight(self.weight))
-        return self._transformed[1]
-
-    @contextlib.contextmanager
-    def sequence(self):
-        """Reuse the transformed weights until the block ends (then free them)."""
-        self._reuse, self._transformed = True, None
-        try:
-            yield self
-        finally:
-            self._reuse, self._transformed = False, None
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", algorithm={self.algorithm}"
+        hit = reuse.transforms.get(self)
+        if hit is None or hit[0] != key:
+            hit = reuse.transforms[self] = (key, transform_weight(self.weight))
+        return hit[1]
 
 
-@contextlib.contextmanager
-def sequence(module: nn.Module):
-    """``CellConv2d.sequence`` for every CellConv2d in ``module`` (e.g. one cell)."""
-    with contextlib.ExitStack() as stack:
-        for conv in module.modules():
-            if isinstance(conv, CellConv2d):
-                stack.enter_context(conv.sequence())
-        yield module
+class _PerForward:
+    """Weight transforms shared for the length of one forward of the model that use_winograd
+    was given: a cell's state convolution runs at every time step with the same weights.
+
+    Forward hooks on that model open it and drop the transforms when the forward ends, so
+    the next forward computes its own, optimizer step or not: a transform from a graph that
+    backward has freed is never used again.
+    """
+
+    def __init__(self):
+        self.active = False
+        self.transforms: dict[WinogradConv2d, tuple] = {}  # conv -> (key, transform)
+
+    def start(self, module, args) -> None:
+        if not torch.compiler.is_compiling():
+            self.active, self.transforms = True, {}
+
+    def end(self, module, args, output) -> None:
+        if not torch.compiler.is_compiling():
+            self.active, self.transforms = False, {}
+
+
+def _shape_fits(conv: nn.Conv2d) -> bool:
+    return (conv.kernel_size == (KERNEL, KERNEL) and conv.stride == (1, 1)
+            and conv.padding in ((KERNEL // 2, KERNEL // 2), "same")
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and conv.in_channels >= MIN_IN_CHANNELS and conv.out_channels >= MIN_OUT_CHANNELS)
+
+
+def use_winograd(model: nn.Module) -> int:
+    """Swap every nn.Conv2d inside ``model`` that Winograd suits (see WinogradConv2d) for
+    a WinogradConv2d with the same Parameter objects; returns how many were swapped.
+
+    Optimizers, state_dict keys and checkpoints are unaffected. Call it before wrapping the
+    model in DDP or torch.compile: hooks on ``model`` let the convolutions transform their
+    weights once per forward. Calling it again swaps nothing new.
+    """
+    swapped: dict[int, WinogradConv2d] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Conv2d and _shape_fits(child):
+                if id(child) not in swapped:  # a module used twice stays one module
+                    swapped[id(child)] = WinogradConv2d.sharing(child)
+                setattr(parent, name, swapped[id(child)])
+    if swapped:
+        reuse = _PerForward()
+        model.register_forward_pre_hook(reuse.start)
+        model.register_forward_hook(reuse.end, always_call=True)  # also when forward raises
+        for conv in swapped.values():
+            conv._reuse = reuse
+            # cast the constant matrices now: torch.compile recompiles if tracing fills the cache
+            _kron_matrices(conv.weight.dtype, conv.weight.device)
+    return len(swapped)
 
 
 def _autocast_on(device: torch.device) -> bool:
-    if device.type == "meta":  # FLOP counting (bench.py); autocast has no meta mode
+    if device.type == "meta":  # FLOP counting (tools/bench.py); autocast has no meta mode
         return False
     return torch.is_autocast_enabled(device.type)
-
-
-ALGORITHMS = ("direct", "winograd", "auto")
-
-
-def resolve_conv_algorithm(algorithm: str, device: torch.device, amp: str = "none") -> str:
-    """'auto' is Winograd for fp32 on the CPU (where direct convolution is at the FMA peak)
-    and direct elsewhere (cuDNN picks its own algorithms; autocast needs direct)."""
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown conv algorithm {algorithm!r}; "
-                         f"use one of {', '.join(ALGORITHMS)}")
-    if algorithm == "auto":
-        return "winograd" if device.type == "cpu" and amp == "none" else "direct"
-    if algorithm == "winograd" and amp != "none":
-        raise ValueError(f"Winograd convolution runs in fp32/fp64 only, not under --amp {amp}; "
-                         "use --conv auto or direct with --amp")
-    return algorithm
-
-
-def set_conv_algorithm(model: nn.Module, algorithm: str) -> int:
-    """Set every CellConv2d in ``model`` to 'direct' or 'winograd'; returns how many."""
-    if algorithm not in ("direct", "winograd"):
-        raise ValueError(f"conv algorithm must be 'direct' or 'winograd', got {algorithm!r}")
-    count = 0
-    for module in model.modules():
-        if isinstance(module, CellConv2d):
-            module.algorithm = algorithm
-            count += 1
-    return count
