@@ -12,6 +12,7 @@ RunFolder. This file reads top to bottom: flags, config, the run folder, the loo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -260,7 +261,10 @@ def plan_run(args: argparse.Namespace, given: set[str]) -> tuple[dict, Path | No
         return resolve_config(args), out, None, None
     if args.resume == "latest":
         source = out or newest_idle_run()
-        check(is_run(source), f"--resume: {source} holds no run (no config.json)")
+        if not is_run(source) and not has_checkpoint(source):
+            # Killed before it wrote its config (or never started): the flags say it all.
+            check_new_folder(source)
+            return resolve_config(args), source, None, None
         ckpt = source / "checkpoints" / "last.pt"
     else:
         path = Path(args.resume).resolve()
@@ -466,6 +470,15 @@ class RunFolder:
             return False
         return f
 
+    @contextlib.contextmanager
+    def opened(self, config: dict, state: dict | None, fork_source: Path | None = None):
+        """The open folder for the duration of a `with` block (see `open`)."""
+        self.open(config, state, fork_source)
+        try:
+            yield self
+        finally:
+            self.close()
+
     def open(self, config: dict, state: dict | None, fork_source: Path | None = None) -> None:
         """Lock the folder, write config.json, and bring metrics.jsonl, best.pt and
         TensorBoard in line with `state` (the checkpoint resumed from, or None)."""
@@ -547,6 +560,7 @@ class RunFolder:
             self.writer.close()
         if self._lock:
             self._lock.close()
+        self.writer, self._lock = None, None
 
 
 def best_epoch(history: list[dict]) -> int | None:
@@ -602,8 +616,9 @@ class Trainer:
     state a checkpoint holds, and the one optimisation step."""
 
     def __init__(self, config: dict, model: torch.nn.Module, steps_per_epoch: int,
-                 device: torch.device):
-        self.config, self.model, self.device = config, model, device
+                 device: torch.device, rank: int = 0, world: int = 1):
+        self.config, self.model, self.device, self.rank, self.world = config, model, device, rank, world
+        self.steps_per_epoch = steps_per_epoch
         decay = config["weight_decay"]
         opt = torch.optim.AdamW if config["optimizer"] == "adamw" else torch.optim.Adam
         self.optimizer = opt(model.parameters(), lr=config["lr"], weight_decay=decay)
@@ -631,28 +646,42 @@ class Trainer:
             self.scheduler.step()
         self.step += 1
 
-    def end_epoch(self, record: dict) -> bool:
-        """Record a finished epoch; True if its val loss is the best so far."""
-        improved = self.stopper.update(record["val_loss"])
+    def epoch_losses(self) -> list[float]:
+        """Every process's running loss sum of this epoch (float32 values, exactly)."""
+        own = torch.zeros(self.world, dtype=torch.float64)
+        own[self.rank] = self.loss_sum.double().cpu()
+        return all_sum(own).tolist()
+
+    def end_epoch(self, val_loss: float, metrics: dict, seconds: float) -> bool:
+        """Record a finished epoch in the history; True if its val loss is the best so far."""
+        train_loss = sum(self.epoch_losses()) / (self.world * self.steps_per_epoch)
+        improved = self.stopper.update(val_loss)
         if self.config["schedule"] == "plateau":
-            self.scheduler.step(record["val_loss"])
-        self.history.append({**record, "lr": self.lr})
+            self.scheduler.step(val_loss)
+        self.history.append({"epoch": self.epoch + 1, "step": self.step, "train_loss": train_loss,
+                             "val_loss": val_loss, **{k: metrics[k] for k in METRIC_NAMES},
+                             "lr": self.lr, "seconds": round(seconds, 2)})
         self.epoch, self.position = self.epoch + 1, 0
         self.loss_sum.zero_()
         return improved
 
-    def state_dict(self, epoch_losses: list[float]) -> dict:
+    def state_dict(self) -> dict:
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "early_stopping": self.stopper.state_dict(),
             "scaler": self.scaler.state_dict(), "epoch": self.epoch, "position": self.position,
-            "step": self.step, "epoch_losses": epoch_losses, "history": self.history,
+            "step": self.step, "epoch_losses": self.epoch_losses(), "history": self.history,
             "rng": rng_state(), "config": self.config,
         }
 
-    def load_state_dict(self, state: dict, rank: int, world: int) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as err:  # a checkpoint of another model or version
+            raise UsageError(f"the checkpoint doesn't fit this version's {self.config['arch']} "
+                             f"model ({str(err).splitlines()[0]}); evaluate it with evaluate.py, "
+                             f"or start a new run") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.stopper.load_state_dict(state["early_stopping"])
         self.stopper.patience = self.config["patience"]
@@ -663,7 +692,8 @@ class Trainer:
         self.position, self.history = state.get("position", 0), state.get("history", [])
         losses = state.get("epoch_losses") or [0.0]
         # Each process's own running sum where the process count is unchanged (exact).
-        own = losses[rank] if len(losses) == world else (sum(losses) if rank == 0 else 0.0)
+        own = losses[self.rank] if len(losses) == self.world else \
+            (sum(losses) if self.rank == 0 else 0.0)
         self.loss_sum.fill_(own)
 
     def set_peak_lr(self, lr: float) -> None:
@@ -779,40 +809,50 @@ def new_run_dir(arch: str) -> Path:
     return run_dir.resolve()
 
 
-def train(config, run, state, fork_source, train_set, val_set, rank, world, device,
-          memory_format, amp) -> dict:
-    """Epochs of steps, validation and checkpoints, until the epochs, early stopping, the
-    time budget or Ctrl-C end them. Only rank 0 writes files and draws progress bars."""
-    lead = rank == 0
-    log = tqdm.write if lead else (lambda *a, **k: None)
+def build(config: dict, device: torch.device, memory_format, world: int):
+    """(the model, what runs it: compiled and/or wrapped in DDP as the config says)."""
     seed_everything(config["seed"])
     model = build_model(config["model"]).to(device, memory_format=memory_format)
     if config["conv"] == "winograd":
         from tools.winograd import use_winograd  # opt-in: tools/winograd.py, docs/speed.md
         use_winograd(model)
     runnable = torch.compile(model) if config["compile"] else model
-    ddp = DDP(runnable, device_ids=[device] if device.type == "cuda" else None) if world > 1 else runnable
-    B, fo = config["batch_size"], config["frames_output"]
-    steps_per_epoch = len(train_set) // (B * world)
-    trainer = Trainer(config, model, steps_per_epoch, device)
+    if world > 1:
+        runnable = DDP(runnable, device_ids=[device] if device.type == "cuda" else None)
+    return model, runnable
+
+
+def make_loaders(train_set, val_set, config: dict, device: torch.device, rank: int, world: int):
+    """(sampler, training loader, validation loader): one of each for the whole run, so
+    workers can persist; the sampler holds the current epoch's indices."""
+    sampler = EpochSampler()
+    kw = dict(batch_size=config["batch_size"], num_workers=config["workers"],
+              pin_memory=device.type == "cuda", persistent_workers=config["workers"] > 0)
+    val_shard = Subset(val_set, range(rank, len(val_set), world))  # its sums are all-reduced
+    return sampler, DataLoader(train_set, sampler=sampler, **kw), DataLoader(val_shard, **kw)
+
+
+def train(config, run, state, fork_source, train_set, val_set, rank, world, device,
+          memory_format, amp) -> dict:
+    """Epochs of steps, validation and checkpoints, until the epochs, early stopping, the
+    time budget or Ctrl-C end them. Only rank 0 writes files and draws progress bars."""
+    log = tqdm.write if rank == 0 else (lambda *a, **k: None)
+    model, runnable = build(config, device, memory_format, world)
+    B = config["batch_size"]
+    trainer = Trainer(config, model, len(train_set) // (B * world), device, rank, world)
     if state is not None:
-        trainer.load_state_dict(state, rank, world)
+        trainer.load_state_dict(state)
         if state["config"]["lr"] != config["lr"]:  # a new --lr on resume
             trainer.set_peak_lr(config["lr"])
-    run.open(config, state, fork_source)
-    sampler = EpochSampler()
-    loader_kw = dict(num_workers=config["workers"], pin_memory=device.type == "cuda",
-                     persistent_workers=config["workers"] > 0, batch_size=B)
-    train_loader = DataLoader(train_set, sampler=sampler, **loader_kw)
-    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), **loader_kw)
+    sampler, train_loader, val_loader = make_loaders(train_set, val_set, config, device, rank, world)
     amp_ctx = autocast_context(device, amp)
     log(f"run {run.path}: {config['arch']} ({count_parameters(model):,} parameters) on {world} x "
-        f"{device}, batch {B}{f' per process' if world > 1 else ''}, lr {config['lr']:g} "
+        f"{device}, batch {B}{' per process' if world > 1 else ''}, lr {config['lr']:g} "
         f"({config['schedule']}), amp {amp}" + (f", resuming at epoch {trainer.epoch + 1}, "
                                                  f"step {trainer.step}" if state else ""))
     deadline = None if config["time_budget"] is None else time.time() + 60 * config["time_budget"]
-    result, first_epoch = (trainer.history[-1] if trainer.history else {}), trainer.epoch
-    with StopRequest() as stop:
+    first_epoch = trainer.epoch
+    with run.opened(config, state, fork_source), StopRequest() as stop:
         while trainer.epoch < config["epochs"]:
             if trainer.epoch > first_epoch and deadline is not None and agree(time.time() > deadline):
                 log(f"time budget of {config['time_budget']:g} min reached after epoch {trainer.epoch}")
@@ -820,36 +860,32 @@ def train(config, run, state, fork_source, train_set, val_set, rank, world, devi
             t0 = time.time()
             order = epoch_order(train_set, config, trainer.epoch)
             sampler.indices = rank_share(order[trainer.position:], B, rank, world)
-            why = train_epoch(trainer, ddp, train_loader, amp_ctx, run, rank, world, stop, deadline)
+            why = train_epoch(trainer, runnable, train_loader, amp_ctx, run, stop, deadline)
             if why:
-                run.save(trainer.state_dict(gather_losses(trainer, rank, world)))
+                run.save(trainer.state_dict())
                 message = (f"stopped by {why} at epoch {trainer.epoch + 1}, step {trainer.step}; "
                            f"saved {run.checkpoints / 'last.pt'}; continue with the same command "
                            f"and --resume, or: python main.py --resume {run.path}")
-                if why == "the time budget":
-                    log(message)
-                    break
-                run.close()
-                raise Interrupted(message)
-            val_loss, metrics, first = validate(runnable, val_loader, device, amp_ctx, fo)
+                if why != "the time budget":
+                    raise Interrupted(message)
+                log(message)
+                break
+            val_loss, metrics, first = validate(runnable, val_loader, device, amp_ctx,
+                                                config["frames_output"])
             check_finite(val_loss, "the validation loss", trainer.step, run, trainer)
-            record = {"epoch": trainer.epoch + 1, "step": trainer.step,
-                      "train_loss": sum(gather_losses(trainer, rank, world)) / (world * steps_per_epoch),
-                      "val_loss": val_loss, **{k: metrics[k] for k in METRIC_NAMES}}
-            improved = trainer.end_epoch({**record, "seconds": round(time.time() - t0, 2)})
+            improved = trainer.end_epoch(val_loss, metrics, time.time() - t0)
+            run.save(trainer.state_dict(), improved)
             result = trainer.history[-1]
-            run.save(trainer.state_dict([0.0] * world), improved)
-            run.log(trainer.step, {"train/epoch_loss": record["train_loss"], "val/loss": val_loss,
+            run.log(trainer.step, {"train/epoch_loss": result["train_loss"], "val/loss": val_loss,
                                    **{f"val/{k}": metrics[k] for k in METRIC_NAMES}, "lr": trainer.lr},
-                    prediction_grid(*first) if lead else None)
+                    prediction_grid(*first) if rank == 0 else None)
             log(f"epoch {result['epoch']}/{config['epochs']}  train {result['train_loss']:.5f}  "
                 f"val {val_loss:.5f}  mse {metrics['mse']:.1f}  ssim {metrics['ssim']:.4f}  "
                 f"lr {trainer.lr:.2g}  {result['seconds']:.0f}s{'  *best' if improved else ''}")
             if trainer.stopper.should_stop:
                 log(f"early stopping: no better val loss for {trainer.stopper.patience} epochs")
                 break
-    run.close()
-    return result
+    return trainer.history[-1] if trainer.history else {}
 
 
 def agree(*flags: bool):
@@ -859,28 +895,21 @@ def agree(*flags: bool):
     return result[0] if len(result) == 1 else result
 
 
-def gather_losses(trainer: Trainer, rank: int, world: int) -> list[float]:
-    """Every process's running loss sum of the epoch (float32 values, exactly)."""
-    own = torch.zeros(world, dtype=torch.float64)
-    own[rank] = trainer.loss_sum.double().cpu()
-    return all_sum(own).tolist()
-
-
-def train_epoch(trainer: Trainer, model, loader, amp_ctx, run: RunFolder, rank: int, world: int,
-                stop: StopRequest, deadline: float | None) -> str | None:
+def train_epoch(trainer: Trainer, model, loader, amp_ctx, run: RunFolder, stop: StopRequest,
+                deadline: float | None) -> str | None:
     """Train the rest of the current epoch. Returns why it stopped early, or None at its end.
 
     The device syncs only every --log-every steps (and at the epoch's last step): then the
     loss is logged, and all processes agree whether to stop (budget or signal), so that
     they stop at the same step.
     """
-    config, B = trainer.config, trainer.config["batch_size"]
+    config, B, world = trainer.config, trainer.config["batch_size"], trainer.world
     device, log_every = trainer.device, config["log_every"]
     steps = len(loader)
-    logged = (trainer.step, float(sum(gather_losses(trainer, rank, world))))
+    logged = (trainer.step, sum(trainer.epoch_losses()))
     t0 = time.time()
     bar = tqdm(loader, desc=f"epoch {trainer.epoch + 1}", leave=False, dynamic_ncols=True,
-               disable=rank != 0)
+               disable=trainer.rank != 0)
     for k, (inputs, targets) in enumerate(bar, start=1):
         inputs = inputs.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -890,7 +919,7 @@ def train_epoch(trainer: Trainer, model, loader, amp_ctx, run: RunFolder, rank: 
             continue
         late, signalled = agree(deadline is not None and time.time() > deadline,
                                 stop.signal is not None)
-        total = sum(gather_losses(trainer, rank, world))
+        total = sum(trainer.epoch_losses())
         window = (total - logged[1]) / (world * (trainer.step - logged[0]))
         check_finite(window, "the training loss", trainer.step, run, trainer)
         run.log(trainer.step, {"train/loss": window, "train/lr": trainer.lr})
