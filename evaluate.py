@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 from data.mm import SequenceArrayDataset, load_sequences, load_test_set, make_test_set
 from model import build_model
 from utils import (AMP_CHOICES, ArgumentParser, UsageError, atomic_write_text, autocast_context,
-                   check, copy_last_frame, format_metrics_table, load_checkpoint, pick_device,
+                   check, configure_process, copy_last_frame, format_metrics_table,
+                   load_checkpoint, pick_device,
                    resolve_amp, run_cli, save_prediction_figure, save_prediction_gif, score)
 
 
@@ -119,7 +120,8 @@ def main(argv=None) -> dict:
     amp = resolve_amp(args.amp, device)
     check(args.conv == "direct" or amp == "none",
           f"--conv winograd runs in fp32 only, not under --amp {amp}; add --amp none")
-    model = load_model(checkpoint, args.checkpoint, device)
+    memory_format = configure_process(device)
+    model = load_model(checkpoint, args.checkpoint, device).to(memory_format=memory_format)
     if args.conv == "winograd":
         from tools.winograd import use_winograd
         use_winograd(model)

@@ -32,10 +32,10 @@ from tqdm import tqdm
 from data.mm import MovingMNIST, SequenceArrayDataset, load_sequences, split_holdout
 from model import build_model, check_preset, count_parameters
 from net_params import get_preset
-from utils import (AMP_CHOICES, LOSSES, METRIC_NAMES, ArgumentParser, UsageError, atomic_save,
-                   atomic_write_text, autocast_context, check, keep_freed_memory,
+from utils import (AMP_CHOICES, LOSSES, METRIC_NAMES, TMP_SUFFIX, ArgumentParser, UsageError,
+                   atomic_save, atomic_write_text, autocast_context, check, configure_process,
                    load_checkpoint, pick_device, prediction_grid, resolve_amp, rng_state,
-                   run_cli, score, seed_everything, set_rng_state, train_step, TMP_SUFFIX)
+                   run_cli, score, seed_everything, set_rng_state, train_step)
 
 # Flags that a resumed run may change: where and how this process runs, and how long it
 # goes on. --lr too, as the advice after a NaN says; every change is recorded in the run.
@@ -44,17 +44,6 @@ RESUMABLE = ("data_root", "no_download", "train_data", "device", "workers", "log
              "amp", "compile", "epochs", "time_budget", "patience", "lr")
 SCHEDULES = ("plateau", "cosine", "onecycle")
 OPTIMIZERS = ("adam", "adamw")
-
-
-def configure_process(device: torch.device) -> torch.memory_format:
-    """Process-wide speed settings, chosen once for the device (docs/speed.md has the
-    measurements). Returns the memory format the model and its activations use."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times and keeps its fastest kernels
-    if device.type == "cpu":
-        keep_freed_memory()  # no page faults on every step's big tensors: 4-8% faster steps
-        return torch.channels_last  # oneDNN's convolutions: 2-3% faster end to end
-    return torch.contiguous_format  # cuda, mps: channels_last is unmeasured (tools/gpu_check.sh)
 
 
 # ----------------------------------------------------------------------------------------
@@ -297,6 +286,50 @@ def plan_run(args: argparse.Namespace, given: set[str]) -> tuple[dict, Path | No
     if not in_place:
         config["forked_from"] = str(ckpt)
     return config, source if in_place else out, checkpoint, None if in_place else source
+
+
+# ----------------------------------------------------------------------------------------
+# Set-up: the device, the process, the data, the folder; then the loop (train, below)
+
+def main(argv=None) -> dict:
+    args, given = parse_args(argv)
+    config, run_dir, checkpoint, fork_source = plan_run(args, given)
+    rank, world, device = init_distributed(config["device"])
+    try:
+        amp = config["precision"] = resolve_amp(config["amp"], device)
+        check(config["conv"] == "direct" or amp == "none",
+              f"--conv winograd runs in fp32 only, not under --amp {amp}; add --amp none")
+        if config["workers"] is None:
+            config["workers"] = min(8, (os.cpu_count() or 1) // world) if device.type == "cuda" else 1
+        train_set, val_set = rank0_first(rank, make_datasets, config)
+        B = config["batch_size"]
+        check(len(train_set) >= B * world,
+              f"an epoch of {len(train_set)} sequences gives no full batch of {B} x {world} "
+              f"process(es); lower --batch-size or raise --epoch-size")
+        if run_dir is None:
+            run_dir = broadcast(new_run_dir(config["arch"]) if rank == 0 else None, rank)
+        config["world_size"] = world
+        # Process-wide speed settings for this device, chosen once: cudnn.benchmark on CUDA;
+        # on CPUs channels_last and glibc keeping freed memory (docs/speed.md).
+        memory_format = configure_process(device)
+        return train(config, RunFolder(run_dir, rank == 0), checkpoint, fork_source, train_set,
+                     val_set, rank, world, device, memory_format, amp)
+    finally:
+        if dist.is_initialized():
+            # The DDP wrapper sits in reference cycles; free it while its process group
+            # lives, or its threads die at interpreter exit.
+            gc.collect()
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def new_run_dir(arch: str) -> Path:
+    base = Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{arch}"
+    run_dir, n = base, 1
+    while run_dir.exists():  # two runs in one second: never share a folder
+        n += 1
+        run_dir = base.with_name(f"{base.name}-{n}")
+    return run_dir.resolve()
 
 
 # ----------------------------------------------------------------------------------------
@@ -769,45 +802,6 @@ def check_finite(value: float, what: str, step: int, run: RunFolder, trainer: Tr
 
 # ----------------------------------------------------------------------------------------
 # The loop
-
-def main(argv=None) -> dict:
-    args, given = parse_args(argv)
-    config, run_dir, checkpoint, fork_source = plan_run(args, given)
-    rank, world, device = init_distributed(config["device"])
-    try:
-        amp = config["precision"] = resolve_amp(config["amp"], device)
-        check(config["conv"] == "direct" or amp == "none",
-              f"--conv winograd runs in fp32 only, not under --amp {amp}; add --amp none")
-        if config["workers"] is None:
-            config["workers"] = min(8, (os.cpu_count() or 1) // world) if device.type == "cuda" else 1
-        train_set, val_set = rank0_first(rank, make_datasets, config)
-        B = config["batch_size"]
-        check(len(train_set) >= B * world,
-              f"an epoch of {len(train_set)} sequences gives no full batch of {B} x {world} "
-              f"process(es); lower --batch-size or raise --epoch-size")
-        if run_dir is None:
-            run_dir = broadcast(new_run_dir(config["arch"]) if rank == 0 else None, rank)
-        config["world_size"] = world
-        memory_format = configure_process(device)
-        return train(config, RunFolder(run_dir, rank == 0), checkpoint, fork_source, train_set,
-                     val_set, rank, world, device, memory_format, amp)
-    finally:
-        if dist.is_initialized():
-            # The DDP wrapper sits in reference cycles; free it while its process group
-            # lives, or its threads die at interpreter exit.
-            gc.collect()
-            dist.barrier()
-            dist.destroy_process_group()
-
-
-def new_run_dir(arch: str) -> Path:
-    base = Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{arch}"
-    run_dir, n = base, 1
-    while run_dir.exists():  # two runs in one second: never share a folder
-        n += 1
-        run_dir = base.with_name(f"{base.name}-{n}")
-    return run_dir.resolve()
-
 
 def build(config: dict, device: torch.device, memory_format, world: int):
     """(the model, what runs it: compiled and/or wrapped in DDP as the config says)."""

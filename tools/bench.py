@@ -324,7 +324,8 @@ def main(argv=None) -> list[dict]:
                     "pass --amp none")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    malloc_tuned = device.type == "cpu" and not args.default_malloc and utils.keep_freed_memory()
+    utils.configure_process(device, keep_freed=not args.default_malloc)  # as main.py; the
+    malloc_tuned = device.type == "cpu" and not args.default_malloc     # layout is a flag here
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"batch {args.batch_size}, {args.frames_input}->{args.frames_output} frames, "
           f"compile {args.compile}, channels_last {args.channels_last}, "
