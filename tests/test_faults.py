@@ -21,7 +21,10 @@ from utils import load_checkpoint
 pytestmark = pytest.mark.slow  # about 30 training processes
 
 REPO = Path(__file__).resolve().parents[1]
-KEYS = ("epoch", "step", "train_loss", "val_loss", "mse", "mae", "ssim", "psnr", "ssim_openstl", "lr")
+EXACT = ("epoch", "step", "train_loss", "val_loss", "lr")
+# Metrics of equal predictions, from numpy and scikit-image reductions whose last bits can
+# vary between processes on some CPUs (SIMD loops that depend on memory alignment).
+METRICS = ("mse", "mae", "ssim", "psnr", "ssim_openstl")
 
 # Runs main.main in a child that kills itself (SIGKILL: no cleanup, no finally) just before
 # its N-th os.replace, i.e. with the N-th atomic write's temp file complete but not renamed.
@@ -68,7 +71,8 @@ def resume_and_check(run, reference_run, mnist_root):
     got, want = records(run), records(reference_run)
     assert [r["epoch"] for r in got] == [1, 2, 3]  # each finished epoch exactly once
     for a, b in zip(got, want):
-        assert all(a[k] == b[k] for k in KEYS), (a, b)
+        assert {k: a[k] for k in EXACT} == {k: b[k] for k in EXACT}
+        assert {k: a[k] for k in METRICS} == pytest.approx({k: b[k] for k in METRICS}, rel=1e-9)
     best = min(got, key=lambda r: r["val_loss"])["epoch"]
     assert load_checkpoint(run / "checkpoints" / "best.pt")["epoch"] == best
     assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
