@@ -65,7 +65,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=None, metavar="DIR",
                    help="run folder (default: runs/<timestamp>-<arch>)")
     p.add_argument("--epochs", type=int, default=None, metavar="N",
-                   help="(default: the preset's, 500 for convlstm)")
+                   help="(default: the preset's, 200 for convlstm)")
     p.add_argument("--epoch-size", type=int, default=None, metavar="N",
                    help="sequences per epoch (default: the preset's, 10000 for convlstm)")
     p.add_argument("--val-size", type=int, default=1000, metavar="N",
@@ -73,14 +73,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, metavar="B",
                    help="sequences per step and process (default: the preset's, 16 for convlstm)")
     p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: the preset's, 1e-4 for convlstm)")
+                   help="peak learning rate (default: the preset's, 3e-4 for convlstm)")
     p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS,
                    help="Adam, or AdamW with decoupled --weight-decay (default: adam)")
     p.add_argument("--weight-decay", type=float, default=0.0, metavar="W", help="(default: 0)")
-    p.add_argument("--schedule", default="plateau", choices=SCHEDULES,
-                   help="plateau: halve the LR after 4 epochs without a better val loss, as the "
-                        "original; cosine: warm up, then cosine to 0; onecycle: Smith's "
-                        "one-cycle shape (default: plateau)")
+    p.add_argument("--schedule", default="onecycle", choices=SCHEDULES,
+                   help="onecycle: Smith's one-cycle shape over --epochs, the recipe study's "
+                        "winner; cosine: warm up, then cosine to 0; plateau: halve the LR after "
+                        "4 epochs without a better val loss, as the original (default: onecycle)")
     p.add_argument("--warmup", type=float, default=None, metavar="F",
                    help="share of the steps spent warming up (cosine: 0.05, onecycle: 0.3)")
     p.add_argument("--loss", default="mse", choices=LOSSES,

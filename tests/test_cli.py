@@ -82,7 +82,7 @@ CASES = [
     (TRAIN, ["--holdout-fraction", "1.5"], "--holdout-fraction must be in (0, 1)"),
     (TRAIN, ["--weight-decay", "-1"], "--weight-decay must be >= 0"),
     (TRAIN, ["--warmup", "1.5", "--schedule", "cosine"], "--warmup must be in [0, 1)"),
-    (TRAIN, ["--warmup", "0.1"], "--warmup needs --schedule cosine or onecycle"),
+    (TRAIN, ["--warmup", "0.1", "--schedule", "plateau"], "--warmup needs --schedule cosine or onecycle"),
     (TRAIN, ["--schedule", "linear"], "--schedule: invalid choice"),
     (TRAIN, ["--optimizer", "sgd"], "--optimizer: invalid choice"),
     (TRAIN, ["--loss", "l2"], "--loss: invalid choice"),

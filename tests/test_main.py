@@ -62,7 +62,7 @@ def straight(mnist_root, tmp_path_factory):
 def test_a_run_is_a_folder_with_everything(straight):
     config = json.loads((straight / "config.json").read_text())
     assert config["arch"] == "tiny" and config["model"]["cell"] == "convlstm"
-    assert config["lr"] == 1e-3 and config["batch_size"] == 2  # the preset's default, a flag
+    assert config["lr"] == net_params.PRESETS["tiny"].lr and config["batch_size"] == 2  # preset, flag
     assert os.path.isabs(config["data_root"])  # a resume from another folder still finds it
     assert config["precision"] == "none"
     for name in ("last.pt", "best.pt"):
@@ -195,8 +195,9 @@ def test_resume_rules_for_flags(mnist_root, straight, tmp_path, capsys):
     main.main(small(moved, run, "--epochs", "2", "--lr", "5e-4", "--resume"))
     config = json.loads((run / "config.json").read_text())
     assert config["lr"] == 5e-4 and config["data_root"] == str(moved)
-    assert config["resumes"][-1]["changed"]["lr"] == [1e-3, 5e-4]
-    assert lines(run)[1]["lr"] == 5e-4 and lines(run)[0]["lr"] == 1e-3
+    preset_lr = net_params.PRESETS["tiny"].lr
+    assert config["resumes"][-1]["changed"]["lr"] == [preset_lr, 5e-4]
+    assert lines(run)[1]["lr"] == 5e-4 and lines(run)[0]["lr"] == preset_lr
 
 
 def test_resume_targets(mnist_root, straight, tmp_path, monkeypatch, capsys):
