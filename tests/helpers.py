@@ -2,6 +2,8 @@
 
 import torch
 
+from net_params import Conv, Preset, Stage
+
 
 def randomize(module, seed=0, std=0.3):
     """Non-trivial values everywhere: peephole weights, norm affines and zero-initialised
@@ -16,3 +18,16 @@ def randomize(module, seed=0, std=0.3):
 def said(stderr: str) -> list[str]:
     """The lines a CLI said to the user (`error: ...`, `interrupted: ...`), not progress bars."""
     return [line for line in stderr.splitlines() if line.startswith(("error:", "interrupted:"))]
+
+
+def small_original(cell: str, **options) -> Preset:
+    """The original's stage layout (stride 1, 2, 2; transposed ups) at a fraction of the width."""
+    return Preset(
+        cell=cell,
+        stages=[Stage(down=Conv(1, 4, 3), hidden=8, up=Conv(8, 4, 3)),
+                Stage(down=Conv(8, 8, 3, stride=2), hidden=12,
+                      up=Conv(12, 12, 4, stride=2, transposed=True)),
+                Stage(down=Conv(12, 12, 3, stride=2), hidden=12,
+                      up=Conv(12, 12, 4, stride=2, transposed=True))],
+        head=[Conv(4, 1, 1)], cell_kernel=3, norm="group", cell_options=options,
+        image_size=16)

@@ -14,9 +14,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import utils
 from ConvRNN import ConvGRUCell, ConvLSTMCell, run_cell, stack_time, unbind_time
-from helpers import randomize
+from helpers import randomize, small_original
 from model import build_model
-from net_params import Conv, Preset, Stage, get_preset
+from net_params import get_preset
 from tools import bench
 from tools.amp_check import amp_loss_check
 from tools.bench import count_step_flops
@@ -32,19 +32,6 @@ JSON_KEYS = {
     "roofline_conv", "utilization", "reference_seq_per_s", "reference_step_ms",
     "reference_gflop_per_step", "reference_peak_mem_mb", "speedup", "malloc_keeps_freed",
 }
-
-
-def small_original(cell: str, **options) -> Preset:
-    """The original's stage layout (stride 1, 2, 2; transposed ups) at a fraction of the width."""
-    return Preset(
-        cell=cell,
-        stages=[Stage(down=Conv(1, 4, 3), hidden=8, up=Conv(8, 4, 3)),
-                Stage(down=Conv(8, 8, 3, stride=2), hidden=12,
-                      up=Conv(12, 12, 4, stride=2, transposed=True)),
-                Stage(down=Conv(12, 12, 3, stride=2), hidden=12,
-                      up=Conv(12, 12, 4, stride=2, transposed=True))],
-        head=[Conv(4, 1, 1)], cell_kernel=3, norm="group", cell_options=options,
-        image_size=16)
 
 
 def run_tool(tool: str, *flags, cwd=REPO) -> subprocess.CompletedProcess:

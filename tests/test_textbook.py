@@ -8,22 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from model import build_model, count_parameters
-from net_params import Conv, Preset, Stage, get_preset
+from net_params import get_preset
 from tools.textbook import build_textbook, load_fast_weights
-from helpers import randomize
-
-
-def small_original(cell: str, **options) -> Preset:
-    """The original's stage layout (stride 1, 2, 2; transposed ups) at a fraction of the width."""
-    return Preset(
-        cell=cell,
-        stages=[Stage(down=Conv(1, 4, 3), hidden=8, up=Conv(8, 4, 3)),
-                Stage(down=Conv(8, 8, 3, stride=2), hidden=12,
-                      up=Conv(12, 12, 4, stride=2, transposed=True)),
-                Stage(down=Conv(12, 12, 3, stride=2), hidden=12,
-                      up=Conv(12, 12, 4, stride=2, transposed=True))],
-        head=[Conv(4, 1, 1)], cell_kernel=3, norm="group", cell_options=options,
-        image_size=16)
+from helpers import randomize, small_original
 
 
 @pytest.mark.parametrize("preset", [

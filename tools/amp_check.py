@@ -23,25 +23,18 @@ import utils
 from data import mm
 from model import build_model
 from net_params import get_preset
+from tools.bench import add_shape_flags
 from utils import UsageError, autocast_context, train_step
 
 
 def parse_args(argv):
     p = utils.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--arch", default="tiny", metavar="NAMES",
-                   help="preset(s) of net_params.py, comma-separated (default: tiny)")
+    add_shape_flags(p, arch="tiny", batch_size=8)
     p.add_argument("--amp", default="bf16", metavar="bf16|fp16",
                    help="low precision(s) to compare with fp32, comma-separated; fp16 needs "
                         "CUDA (default: bf16)")
     p.add_argument("--steps", type=int, default=60, metavar="N",
                    help="training steps (default: 60)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="(default: 8)")
-    p.add_argument("--frames-input", type=int, default=10, metavar="T", help="(default: 10)")
-    p.add_argument("--frames-output", type=int, default=10, metavar="T", help="(default: 10)")
-    p.add_argument("--image-size", type=int, default=None, metavar="PX",
-                   help="frame size (default: the preset's)")
-    p.add_argument("--device", default="auto",
-                   help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--data-root", default=None, metavar="DIR",
                    help="folder with the MNIST files; never downloads (default: block shapes)")
     p.add_argument("--json", default=None, metavar="PATH",

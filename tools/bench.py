@@ -39,17 +39,23 @@ from utils import UsageError, autocast_context, synchronize, train_step
 CONVS = ("direct", "winograd")
 
 
-def parse_args(argv):
-    p = utils.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--arch", default="convlstm", metavar="NAMES",
-                   help="preset(s) of net_params.py, comma-separated (default: convlstm)")
-    p.add_argument("--batch-size", type=int, default=4, metavar="N", help="(default: 4)")
+def add_shape_flags(p, arch: str, batch_size: int) -> None:
+    """--arch, --batch-size, the frame counts and size, and --device: bench and amp_check."""
+    p.add_argument("--arch", default=arch, metavar="NAMES",
+                   help=f"preset(s) of net_params.py, comma-separated (default: {arch})")
+    p.add_argument("--batch-size", type=int, default=batch_size, metavar="N",
+                   help=f"(default: {batch_size})")
     p.add_argument("--frames-input", type=int, default=10, metavar="T", help="(default: 10)")
     p.add_argument("--frames-output", type=int, default=10, metavar="T", help="(default: 10)")
     p.add_argument("--image-size", type=int, default=None, metavar="PX",
                    help="frame size (default: the preset's)")
     p.add_argument("--device", default="auto",
                    help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+
+
+def parse_args(argv):
+    p = utils.ArgumentParser(description=__doc__.split("\n")[0])
+    add_shape_flags(p, arch="convlstm", batch_size=4)
     p.add_argument("--amp", default="auto", metavar="auto|none|bf16|fp16",
                    help="autocast precision(s), comma-separated; auto = bf16 on CUDA GPUs "
                         "that support it, else none (default: auto)")
