@@ -12,21 +12,21 @@ baseline is scored on the same sequences.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
-from data.mm import SequenceArrayDataset, load_sequences, load_test_set, make_test_set
-from model import build_model
-from utils import (AMP_CHOICES, ArgumentParser, UsageError, atomic_write_text, autocast_context,
-                   check, configure_process, copy_last_frame, format_metrics_table,
-                   load_checkpoint, pick_device,
-                   resolve_amp, run_cli, save_prediction_figure, save_prediction_gif, score)
+from checkpoints import load_checkpoint, write_json
+from data.arrays import LAYOUTS, SequenceArrayDataset, load_sequences
+from data.mm import load_test_set, make_test_set
+from devices import AMP_CHOICES, CONVS, autocast_context, pick_device, set_up, use_conv
+from metrics import copy_last_frame, format_metrics_table, score
+from model import load_model
+from pictures import save_prediction_figure, save_prediction_gif
+from utils import DEFAULT_DATA_ROOT, ArgumentParser, check, run_cli
 
 
 def parse_args(argv=None):
@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--test-set", default=None, metavar="FILE",
                    help="mnist_test_seq.npy-style (T, N, H, W) uint8, or --layout NTHW/NTCHW "
                         "(default: a held-out set made with --seed)")
-    p.add_argument("--layout", default="TNHW", choices=["TNHW", "NTHW", "NTCHW"],
+    p.add_argument("--layout", default="TNHW", choices=LAYOUTS,
                    help="axis order of --test-set (default: TNHW, mnist_test_seq's)")
     p.add_argument("--num", type=int, default=2000, metavar="N",
                    help="sequences to make without --test-set (default: 2000)")
@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32, metavar="B", help="(default: 32)")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help="autocast precision, as main.py's (default: auto)")
-    p.add_argument("--conv", default="direct", choices=("direct", "winograd"),
+    p.add_argument("--conv", default="direct", choices=CONVS,
                    help="the cells' 5x5 convolutions, as main.py's (default: direct)")
     return p.parse_args(argv)
 
@@ -80,25 +80,13 @@ def output_paths(args) -> tuple[Path | None, Path, Path]:
     return out, figure, gif
 
 
-def load_model(checkpoint: dict, path: str, device: torch.device) -> torch.nn.Module:
-    config = checkpoint["config"]
-    try:
-        model = build_model(config["model"])
-        model.load_state_dict(checkpoint["model"])
-    except (KeyError, TypeError, RuntimeError) as err:  # a config or weights from elsewhere
-        first = str(err).strip().splitlines()[0]
-        raise UsageError(f"{path}: its weights don't fit the model its config describes "
-                         f"({type(err).__name__}: {first})") from None
-    return model.to(device).eval()
-
-
 def test_sequences(args, config: dict, num_digits: list[int]) -> np.ndarray:
     """(N, T, C, H, W) uint8 or float test sequences."""
     if args.test_set:
         if args.layout == "TNHW":
             return load_sequences(np.asarray(load_test_set(args.test_set)), layout="TNHW")
         return load_sequences(args.test_set, layout=args.layout)
-    root = args.data_root or config.get("data_root", "data/mnist")
+    root = args.data_root or config.get("data_root", DEFAULT_DATA_ROOT)
     frames = config["frames_input"] + config["frames_output"]
     made = make_test_set(root, args.num, num_digits=num_digits, seed=args.seed, n_frames=frames,
                          image_size=config["model"]["image_size"],
@@ -117,14 +105,9 @@ def main(argv=None) -> dict:
     checkpoint = load_checkpoint(args.checkpoint)
     config = checkpoint["config"]
     device = pick_device(args.device)
-    amp = resolve_amp(args.amp, device)
-    check(args.conv == "direct" or amp == "none",
-          f"--conv winograd runs in fp32 only, not under --amp {amp}; add --amp none")
-    memory_format = configure_process(device)
-    model = load_model(checkpoint, args.checkpoint, device).to(memory_format=memory_format)
-    if args.conv == "winograd":
-        from tools.winograd import use_winograd
-        use_winograd(model)
+    amp, memory_format = set_up(device, args.amp, args.conv)
+    model = load_model(args.checkpoint, device).to(memory_format=memory_format)
+    use_conv(model, args.conv)
 
     fi, fo = config["frames_input"], config["frames_output"]
     num_digits = args.num_digits or config.get("num_digits", [2])
@@ -146,7 +129,7 @@ def main(argv=None) -> dict:
     save_prediction_gif(gif, *scores.first_batch)
     print(f"wrote {figure} and {gif}")
     if json_path:
-        atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
+        write_json(json_path, report)
         print(f"wrote {json_path}")
     return report
 

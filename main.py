@@ -6,42 +6,46 @@
 
 A run is a folder (default runs/<timestamp>-<arch>) holding config.json, TensorBoard
 events, metrics.jsonl (one line per finished epoch) and checkpoints/{last,best}.pt; see
-RunFolder. This file reads top to bottom: flags, config, the run folder, the loop.
+runfolder.py. This file reads top to bottom: flags, config, data, the recipe (schedules,
+early stopping, the training state a checkpoint holds), the loop.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import json
 import math
 import os
 import signal
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from data.mm import MovingMNIST, SequenceArrayDataset, load_sequences, split_holdout
+from checkpoints import load_checkpoint, load_weights
+from data.arrays import SequenceArrayDataset, load_sequences, split_holdout
+from data.mm import MovingMNIST
+from devices import AMP_CHOICES, CONVS, autocast_context, pick_device, resolve_amp, set_up, use_conv
+from distributed import (agree, all_sum, broadcast, close_distributed, init_distributed, parallel,
+                         rank0_first)
+from metrics import METRIC_NAMES, score
 from model import build_model, check_preset, count_parameters
 from net_params import get_preset
-from utils import (AMP_CHOICES, LOSSES, METRIC_NAMES, TMP_SUFFIX, ArgumentParser, UsageError,
-                   atomic_save, atomic_write_text, autocast_context, check, configure_process,
-                   load_checkpoint, pick_device, prediction_grid, resolve_amp, rng_state,
-                   run_cli, score, seed_everything, set_rng_state, train_step)
+from pictures import prediction_grid
+from runfolder import RunFolder, has_checkpoint, locate_run, new_run_dir, recorded_history
+from training import LOSSES, grad_scaler, train_step
+from utils import (DEFAULT_DATA_ROOT, ArgumentParser, UsageError, check, rng_state, run_cli,
+                   seed_everything, set_rng_state)
 
 # Flags that a resumed run may change: where and how this process runs, and how long it
 # goes on. --lr too, as the advice after a NaN says; every change is recorded in the run.
 # Any other flag fixes the experiment: repeating it with the same value is fine.
 RESUMABLE = ("data_root", "no_download", "train_data", "device", "workers", "log_every", "conv",
              "amp", "compile", "epochs", "time_budget", "patience", "lr")
+FLAG_KEYS = {"amp": "precision"}  # flags whose config key differs: --amp's is what it resolved to
 SCHEDULES = ("plateau", "cosine", "onecycle")
 OPTIMIZERS = ("adam", "adamw")
 
@@ -53,8 +57,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Train a ConvLSTM/ConvGRU/TrajGRU encoder-forecaster.")
     p.add_argument("--arch", default="convlstm", metavar="NAME",
                    help="preset from net_params.PRESETS (default: convlstm)")
-    p.add_argument("--data-root", default="data/mnist", metavar="DIR",
-                   help="MNIST files; missing ones are downloaded (default: data/mnist)")
+    p.add_argument("--data-root", default=DEFAULT_DATA_ROOT, metavar="DIR",
+                   help=f"MNIST files; missing ones are downloaded (default: {DEFAULT_DATA_ROOT})")
     p.add_argument("--no-download", action="store_true",
                    help="never download; use only what is in --data-root")
     p.add_argument("--train-data", default=None, metavar="FILE",
@@ -105,7 +109,7 @@ def make_parser() -> argparse.ArgumentParser:
                         "fp32 elsewhere (CPU bf16 is fast only with AVX512-BF16 or AMX); fp16 "
                         "on CUDA only (default: auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
-    p.add_argument("--conv", default="direct", choices=("direct", "winograd"),
+    p.add_argument("--conv", default="direct", choices=CONVS,
                    help="the cells' 5x5 convolutions: direct, or Winograd F(4x4, 5x5) from "
                         "tools/winograd.py, faster in fp32 on CPUs (default: direct)")
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
@@ -161,7 +165,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
     if args.frames_output is not None:
         preset.frames_output = args.frames_output
     check_preset(preset)
-    config = {k: v for k, v in vars(args).items() if k not in ("resume", "out_dir")}
+    # --amp is stored as asked ("auto" too) until main() resolves it on the device
+    config = {FLAG_KEYS.get(k, k): v for k, v in vars(args).items() if k not in ("resume", "out_dir")}
     for key in ("epochs", "batch_size", "lr", "epoch_size"):  # flags override the preset's
         if config[key] is None:
             config[key] = getattr(preset, key)
@@ -184,55 +189,46 @@ LEGACY = {"optimizer": "adam", "weight_decay": 0.0, "schedule": "plateau", "warm
           "loss": "mse", "conv": "direct"}
 
 
+def upgrade_config(stored: dict) -> dict:
+    """A config of any version in this version's keys (checkpoints and config.json of
+    earlier versions resume as they were)."""
+    config = {**LEGACY, **stored}
+    if config["conv"] not in CONVS:  # "auto" of older versions
+        config["conv"] = "direct"
+    # Before this version config["amp"] held the --amp flag and config["precision"] what it
+    # resolved to at the last start; the precision is now the one key.
+    amp = config.pop("amp", "auto")
+    config.setdefault("precision", amp)
+    return config
+
+
 def resumed_config(stored: dict, args: argparse.Namespace, given: set[str], run: Path) -> dict:
     """A run's stored config with the flags given again: experiment flags must repeat their
-    value; RESUMABLE ones may change, and each change is recorded under "resumes"."""
-    config = {**LEGACY, **stored}
-    if config["conv"] not in ("direct", "winograd"):  # "auto" of older versions
-        config["conv"] = "direct"
+    value; RESUMABLE ones may change, and each change is recorded under "resumes".
+
+    The run keeps its precision unless --amp is given again; a given --amp counts as the
+    precision it means on this run's device.
+    """
+    config = upgrade_config(stored)
     config["time_budget"] = None  # a budget is this process's: only a given one applies
     changed = {}
-    for key in sorted(given - {"resume", "out_dir"}):
-        new = getattr(args, key)
-        if key in ("data_root", "train_data") and new is not None:
+    flags = sorted(given - {"resume", "out_dir", "amp"}) + ["amp"] * ("amp" in given)  # --device first
+    for flag in flags:
+        key, new = FLAG_KEYS.get(flag, flag), getattr(args, flag)
+        if flag in ("data_root", "train_data") and new is not None:
             new = os.path.abspath(new)
+        if flag == "amp":
+            new = resolve_amp(new, pick_device(config["device"]))
         old = config.get(key)
         if old == new:
             continue
-        check(key in RESUMABLE, f"--{key.replace('_', '-')} was {old!r} when {run} started and "
-                                f"can't change on --resume (you gave {new!r}); repeat it or leave "
-                                f"it out, or start a new run with another --out-dir")
+        check(flag in RESUMABLE, f"--{flag.replace('_', '-')} was {old!r} when {run} started and "
+                                 f"can't change on --resume (you gave {new!r}); repeat it or leave "
+                                 f"it out, or start a new run with another --out-dir")
         config[key], changed[key] = new, [old, new]
     if changed:
         config["resumes"] = [*config.get("resumes", []), {"changed": changed}]
     return config
-
-
-# ----------------------------------------------------------------------------------------
-# Which run: a new folder, or the checkpoint and folder to resume (nothing is written here)
-
-def is_run(folder: Path) -> bool:
-    return (folder / "config.json").is_file()
-
-
-def has_checkpoint(folder: Path) -> bool:
-    return (folder / "checkpoints" / "last.pt").is_file()
-
-
-def newest_idle_run() -> Path:
-    runs = sorted((p for p in Path("runs").glob("*") if is_run(p)),
-                  key=lambda p: (p / "config.json").stat().st_mtime, reverse=True)
-    for run in runs:
-        if not RunFolder.is_locked(run):
-            return run
-    raise UsageError("--resume found no run in runs/ that is not training; "
-                     "pass --resume RUN_FOLDER or --out-dir")
-
-
-def check_new_folder(folder: Path) -> None:
-    check(not folder.exists() or folder.is_dir(), f"--out-dir {folder} is a file; name a folder")
-    check(not has_checkpoint(folder),
-          f"{folder} already holds a run; add --resume to continue it or choose another --out-dir")
 
 
 def plan_run(args: argparse.Namespace, given: set[str]) -> tuple[dict, Path | None, dict | None, Path | None]:
@@ -241,51 +237,23 @@ def plan_run(args: argparse.Namespace, given: set[str]) -> tuple[dict, Path | No
     The folder is None for a new run in runs/<timestamp>-<arch> (named on rank 0 later).
     """
     check_flags(args)
-    out = Path(args.out_dir).resolve() if args.out_dir else None
     if args.dry_run:
         args.epoch_size = None  # one global batch, set by resolve_config
-    if args.resume is None:
-        if out is not None:
-            check_new_folder(out)
-        return resolve_config(args), out, None, None
-    if args.resume == "latest":
-        source = out or newest_idle_run()
-        if not is_run(source) and not has_checkpoint(source):
-            # Killed before it wrote its config (or never started): the flags say it all.
-            check_new_folder(source)
-            return resolve_config(args), source, None, None
-        ckpt = source / "checkpoints" / "last.pt"
-    else:
-        path = Path(args.resume).resolve()
-        check(path.exists(), f"--resume {args.resume}: no such file or folder")
-        ckpt = path / "checkpoints" / "last.pt" if path.is_dir() else path
-        check(not path.is_dir() or is_run(path), f"--resume {args.resume}: not a run folder (no config.json)")
-        source = ckpt.parent.parent if ckpt.parent.name == "checkpoints" and is_run(ckpt.parent.parent) else None
-    in_place = out is None or out == source
-    if in_place:
-        check(source is not None, f"--resume {ckpt} is not inside a run folder; add --out-dir NEW "
-                                  f"to continue it in a new run folder")
-        check(ckpt.name == "last.pt", f"--resume {ckpt} would rewind {source} to an older state; "
-                                      f"fork it instead with --out-dir NEW_FOLDER")
-        check(not RunFolder.is_locked(source), f"{source} is being trained by another process")
-    else:
-        check_new_folder(out)
-        check(ckpt.is_file(), f"--resume {ckpt}: no checkpoint to fork into {out}")
-    if not ckpt.is_file():  # a run that failed before its first checkpoint starts again
-        stored = json.loads((source / "config.json").read_text())
-        return resumed_config(stored, args, given, source), source, None, None
-    checkpoint = load_checkpoint(ckpt)
-    check("optimizer" in checkpoint, f"{ckpt} holds no optimizer state (a converted or exported "
-                                     f"model?); evaluate it with evaluate.py, or start a new run")
-    config = resumed_config(checkpoint["config"], args, given, source or ckpt)
+    where = locate_run(args.resume, args.out_dir)
+    if where.checkpoint is None:
+        return resolve_config(args), where.folder, None, None
+    if not where.checkpoint.is_file():  # a run that failed before its first checkpoint starts again
+        stored = json.loads((where.source / "config.json").read_text())
+        return resumed_config(stored, args, given, where.source), where.source, None, None
+    checkpoint = load_checkpoint(where.checkpoint)
+    check("optimizer" in checkpoint, f"{where.checkpoint} holds no optimizer state (a converted or "
+                                     f"exported model?); evaluate it with evaluate.py, or start a new run")
+    config = resumed_config(checkpoint["config"], args, given, where.source or where.checkpoint)
     if "history" not in checkpoint:  # written before checkpoints carried it
-        lines = (source / "metrics.jsonl").read_text().splitlines() if source and \
-            (source / "metrics.jsonl").is_file() else []
-        checkpoint["history"] = [r for r in map(json.loads, filter(str.strip, lines))
-                                 if r["epoch"] <= checkpoint["epoch"]]
-    if not in_place:
-        config["forked_from"] = str(ckpt)
-    return config, source if in_place else out, checkpoint, None if in_place else source
+        checkpoint["history"] = recorded_history(where.source, checkpoint["epoch"])
+    if not where.in_place:
+        config["forked_from"] = str(where.checkpoint)
+    return config, where.folder, checkpoint, None if where.in_place else where.source
 
 
 # ----------------------------------------------------------------------------------------
@@ -296,9 +264,9 @@ def main(argv=None) -> dict:
     config, run_dir, checkpoint, fork_source = plan_run(args, given)
     rank, world, device = init_distributed(config["device"])
     try:
-        amp = config["precision"] = resolve_amp(config["amp"], device)
-        check(config["conv"] == "direct" or amp == "none",
-              f"--conv winograd runs in fp32 only, not under --amp {amp}; add --amp none")
+        # What --amp means on this device, --conv checked against it, and the process-wide
+        # speed settings for it, chosen once (docs/speed.md).
+        config["precision"], memory_format = set_up(device, config["precision"], config["conv"])
         if config["workers"] is None:
             config["workers"] = min(8, (os.cpu_count() or 1) // world) if device.type == "cuda" else 1
         train_set, val_set = rank0_first(rank, make_datasets, config)
@@ -309,27 +277,10 @@ def main(argv=None) -> dict:
         if run_dir is None:
             run_dir = broadcast(new_run_dir(config["arch"]) if rank == 0 else None, rank)
         config["world_size"] = world
-        # Process-wide speed settings for this device, chosen once: cudnn.benchmark on CUDA;
-        # on CPUs channels_last and glibc keeping freed memory (docs/speed.md).
-        memory_format = configure_process(device)
         return train(config, RunFolder(run_dir, rank == 0), checkpoint, fork_source, train_set,
-                     val_set, rank, world, device, memory_format, amp)
+                     val_set, rank, world, device, memory_format)
     finally:
-        if dist.is_initialized():
-            # The DDP wrapper sits in reference cycles; free it while its process group
-            # lives, or its threads die at interpreter exit.
-            gc.collect()
-            dist.barrier()
-            dist.destroy_process_group()
-
-
-def new_run_dir(arch: str) -> Path:
-    base = Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{arch}"
-    run_dir, n = base, 1
-    while run_dir.exists():  # two runs in one second: never share a folder
-        n += 1
-        run_dir = base.with_name(f"{base.name}-{n}")
-    return run_dir.resolve()
+        close_distributed()
 
 
 # ----------------------------------------------------------------------------------------
@@ -395,217 +346,6 @@ class EpochSampler:
 
 
 # ----------------------------------------------------------------------------------------
-# Distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; one process otherwise.
-
-def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device). nccl on CUDA, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = pick_device(device_name)
-    if world == 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world, device
-
-
-def all_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over processes (a no-op in one process). Handles nccl's need for device tensors."""
-    if not dist.is_initialized():
-        return t
-    backend_device = torch.device("cuda", torch.cuda.current_device()) \
-        if dist.get_backend() == "nccl" else torch.device("cpu")
-    out = t.to(backend_device)
-    dist.all_reduce(out)
-    return out.to(t.device)
-
-
-def rank0_first(rank: int, fn, *args):
-    """fn on rank 0 first (it may download), then on the others. A UsageError or OSError
-    on rank 0 reaches every rank, so that none waits for it forever."""
-    if not dist.is_initialized():
-        return fn(*args)
-    result, error = None, None
-    if rank == 0:
-        try:
-            result = fn(*args)
-        except (UsageError, OSError) as e:
-            error = e
-    shared = [None if error is None else str(error)]
-    dist.broadcast_object_list(shared, src=0)
-    if error is not None:
-        raise error
-    if shared[0] is not None:
-        raise UsageError(shared[0])
-    return result if rank == 0 else fn(*args)
-
-
-def broadcast(value, rank: int):
-    """Rank 0's value on every rank."""
-    if not dist.is_initialized():
-        return value
-    shared = [value if rank == 0 else None]
-    dist.broadcast_object_list(shared, src=0)
-    return shared[0]
-
-
-# ----------------------------------------------------------------------------------------
-# The run folder
-
-class RunFolder:
-    """The run folder, and every write to it. Only rank 0 writes; other ranks' calls do nothing.
-
-        config.json            every setting, the preset included
-        events.out.tfevents.*  TensorBoard: losses, metrics, LR, pictures, HParams
-        metrics.jsonl          one line per finished epoch
-        checkpoints/last.pt    the latest state: an epoch's end, or mid-epoch after a stop
-        checkpoints/best.pt    the state at the end of the best epoch (lowest val_loss)
-
-    Crash consistency: checkpoints are written atomically, and each carries the history of
-    finished epochs. `open` repairs whatever a kill left half-done: metrics.jsonl is
-    rewritten from the history, best.pt made to match the history's best epoch, temp files
-    removed. A lock (flock, dropped by the OS when the process dies) keeps a second process
-    out of a folder that is training.
-    """
-
-    LOCK = ".lock"
-
-    def __init__(self, path: Path, lead: bool):
-        self.path, self.lead = Path(path), lead
-        self.checkpoints = self.path / "checkpoints"
-        self.writer, self._lock = None, None
-
-    @classmethod
-    def is_locked(cls, path: Path) -> bool:
-        lock = cls._try_lock(Path(path) / cls.LOCK, create=False)
-        if lock is False:
-            return True
-        if lock is not None:
-            lock.close()
-        return False
-
-    @staticmethod
-    def _try_lock(path: Path, create: bool = True):
-        """An open, locked file; False if another process holds the lock; None where there
-        is nothing to lock or no flock (Windows)."""
-        try:
-            import fcntl
-        except ImportError:
-            return None
-        if not create and not path.exists():
-            return None
-        f = open(path, "a")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.close()
-            return False
-        return f
-
-    @contextlib.contextmanager
-    def opened(self, config: dict, state: dict | None, fork_source: Path | None = None):
-        """The open folder for the duration of a `with` block (see `open`)."""
-        self.open(config, state, fork_source)
-        try:
-            yield self
-        finally:
-            self.close()
-
-    def open(self, config: dict, state: dict | None, fork_source: Path | None = None) -> None:
-        """Lock the folder, write config.json, and bring metrics.jsonl, best.pt and
-        TensorBoard in line with `state` (the checkpoint resumed from, or None)."""
-        if not self.lead:
-            return
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        self._lock = self._try_lock(self.path / self.LOCK)
-        check(self._lock is not False, f"{self.path} is being trained by another process")
-        for tmp in [*self.path.glob(f".*{TMP_SUFFIX}"), *self.checkpoints.glob(f".*{TMP_SUFFIX}")]:
-            tmp.unlink()  # a kill during an atomic write leaves its temp file
-        if state is None:  # a new run, or one that failed before its first checkpoint
-            for stale in [*self.path.glob("events.out.tfevents.*"), *self.checkpoints.glob("*.pt"),
-                          self.path / "metrics.jsonl"]:
-                stale.unlink(missing_ok=True)
-        atomic_write_text(self.path / "config.json", json.dumps(config, indent=2) + "\n")
-        history = [] if state is None else state["history"]
-        self._write_metrics(history)
-        if state is not None:
-            self._repair_best(state, fork_source)
-        from torch.utils.tensorboard import SummaryWriter  # slow to import: only where used
-        # Events past the checkpoint are redone by this run; its own step's stay.
-        self.writer = SummaryWriter(str(self.path), purge_step=None if state is None else state["step"] + 1)
-        if state is None:
-            self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
-            self._log_hparams(config)
-
-    def _write_metrics(self, history: list[dict]) -> None:
-        atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-
-    def _repair_best(self, state: dict, fork_source: Path | None) -> None:
-        """Make best.pt the state at the end of the history's best epoch, where one has it."""
-        best = best_epoch(state["history"])
-        target = self.checkpoints / "best.pt"
-        candidates = [target] + ([fork_source / "checkpoints" / "best.pt"] if fork_source else [])
-        for path in candidates:
-            if path.is_file() and is_end_of(load_checkpoint(path), best):
-                if path != target:
-                    atomic_save(load_checkpoint(path), target)
-                return
-        if is_end_of(state, best):
-            atomic_save(state, target)
-        else:
-            target.unlink(missing_ok=True)
-
-    def _log_hparams(self, config: dict) -> None:
-        """The run's settings for TensorBoard's HParams dashboard; its metrics are the
-        val/* scalars logged every epoch."""
-        from torch.utils.tensorboard.summary import hparams
-        keys = ("arch", "batch_size", "lr", "optimizer", "weight_decay", "schedule", "warmup",
-                "loss", "clip", "amp", "epochs", "epoch_size", "seed")
-        settings = {k: config[k] if isinstance(config[k], (int, float, str, bool)) else str(config[k])
-                    for k in keys}
-        metrics = {f"val/{k}": 0.0 for k in ("loss", *METRIC_NAMES)}
-        for summary in hparams(settings, metrics):
-            self.writer.file_writer.add_summary(summary)
-
-    def log(self, step: int, scalars: dict, picture=None) -> None:
-        if not self.lead:
-            return
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, step)
-        if picture is not None:  # once an epoch: write the epoch's events out
-            self.writer.add_image("val/input_truth_prediction", picture, step,
-                                  dataformats="HW" if picture.ndim == 2 else "HWC")
-            self.writer.flush()
-
-    def save(self, state: dict, improved: bool = False) -> None:
-        """last.pt, then best.pt, then metrics.jsonl: a kill between two of them is repaired
-        by `open` from last.pt."""
-        if not self.lead:
-            return
-        atomic_save(state, self.checkpoints / "last.pt")
-        if improved:
-            atomic_save(state, self.checkpoints / "best.pt")
-        self._write_metrics(state["history"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        if self._lock:
-            self._lock.close()
-        self.writer, self._lock = None, None
-
-
-def best_epoch(history: list[dict]) -> int | None:
-    """The finished epoch with the lowest val_loss (the first of equals), or None."""
-    return min(history, key=lambda r: r["val_loss"])["epoch"] if history else None
-
-
-def is_end_of(state: dict, epoch: int | None) -> bool:
-    return epoch is not None and state.get("epoch") == epoch and not state.get("position", 0)
-
-
-# ----------------------------------------------------------------------------------------
 # Training state: what a checkpoint holds
 
 class EarlyStopping:
@@ -644,9 +384,9 @@ def lr_factor(schedule: str, warmup: float, step: int, total: int) -> float:
     return (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup))) / 2
 
 
-class Trainer:
+class TrainState:
     """Model, optimizer, LR schedule, early stopping and the position in the run: the
-    state a checkpoint holds, and the one optimisation step."""
+    state a checkpoint holds, and the one optimisation step that advances it."""
 
     def __init__(self, config: dict, model: torch.nn.Module, steps_per_epoch: int,
                  device: torch.device, rank: int = 0, world: int = 1):
@@ -664,7 +404,7 @@ class Trainer:
                 self.optimizer, lambda s: lr_factor(config["schedule"], config["warmup"], s,
                                                     self.total_steps))
         self.stopper = EarlyStopping(config["patience"])
-        self.scaler = torch.amp.GradScaler(device.type, enabled=config["amp"] == "fp16")
+        self.scaler = grad_scaler(device, config["precision"])
         self.epoch, self.position, self.step, self.history = 0, 0, 0, []
         self.loss_sum = torch.zeros((), device=device)  # this epoch's losses, summed on the device
 
@@ -707,14 +447,11 @@ class Trainer:
             "rng": rng_state(), "config": self.config,
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError) as err:  # a checkpoint of another model or version
-            raise UsageError(f"the checkpoint doesn't fit this version's {self.config['arch']} "
-                             f"model ({str(err).splitlines()[0]}); evaluate it with evaluate.py, "
-                             f"or start a new run") from None
+    def load_state_dict(self, state: dict, source) -> None:
+        """Continue from a checkpoint; `source`, its file, names it in errors."""
+        advice = "evaluate it with evaluate.py, or start a new run"
+        load_weights(self.model, state["model"], source, advice)
+        load_weights(self.optimizer, state["optimizer"], source, advice)
         self.scheduler.load_state_dict(state["scheduler"])
         self.stopper.load_state_dict(state["early_stopping"])
         self.stopper.patience = self.config["patience"]
@@ -789,10 +526,10 @@ def validate(model, loader, device, amp_ctx, frames_output: int) -> tuple[float,
     return (loss[0] / loss[1]).item(), metrics.compute(), scores.first_batch
 
 
-def check_finite(value: float, what: str, step: int, run: RunFolder, trainer: Trainer) -> None:
+def check_finite(value: float, what: str, step: int, run: RunFolder, state: TrainState) -> None:
     if math.isfinite(value):
         return
-    saved = (f"{run.checkpoints / 'last.pt'} holds epoch {trainer.epoch} (step {trainer.step - 1} "
+    saved = (f"{run.checkpoints / 'last.pt'} holds epoch {state.epoch} (step {state.step - 1} "
              f"at most); resume with a lower --lr: python main.py --resume {run.path} --lr LR"
              if has_checkpoint(run.path) else
              f"nothing was saved, so the same command with a lower --lr starts {run.path} again")
@@ -807,13 +544,9 @@ def build(config: dict, device: torch.device, memory_format, world: int):
     """(the model, what runs it: compiled and/or wrapped in DDP as the config says)."""
     seed_everything(config["seed"])
     model = build_model(config["model"]).to(device, memory_format=memory_format)
-    if config["conv"] == "winograd":
-        from tools.winograd import use_winograd  # opt-in: tools/winograd.py, docs/speed.md
-        use_winograd(model)
+    use_conv(model, config["conv"])
     runnable = torch.compile(model) if config["compile"] else model
-    if world > 1:
-        runnable = DDP(runnable, device_ids=[device] if device.type == "cuda" else None)
-    return model, runnable
+    return model, parallel(runnable, device, world)
 
 
 def make_loaders(train_set, val_set, config: dict, device: torch.device, rank: int, world: int):
@@ -826,38 +559,38 @@ def make_loaders(train_set, val_set, config: dict, device: torch.device, rank: i
     return sampler, DataLoader(train_set, sampler=sampler, **kw), DataLoader(val_shard, **kw)
 
 
-def train(config, run, state, fork_source, train_set, val_set, rank, world, device,
-          memory_format, amp) -> dict:
+def train(config, run, checkpoint, fork_source, train_set, val_set, rank, world, device,
+          memory_format) -> dict:
     """Epochs of steps, validation and checkpoints, until the epochs, early stopping, the
     time budget or Ctrl-C end them. Only rank 0 writes files and draws progress bars."""
     log = tqdm.write if rank == 0 else (lambda *a, **k: None)
     model, runnable = build(config, device, memory_format, world)
     B = config["batch_size"]
-    trainer = Trainer(config, model, len(train_set) // (B * world), device, rank, world)
-    if state is not None:
-        trainer.load_state_dict(state)
-        if state["config"]["lr"] != config["lr"]:  # a new --lr on resume
-            trainer.set_peak_lr(config["lr"])
+    state = TrainState(config, model, len(train_set) // (B * world), device, rank, world)
+    if checkpoint is not None:
+        state.load_state_dict(checkpoint, config.get("forked_from") or run.checkpoints / "last.pt")
+        if checkpoint["config"]["lr"] != config["lr"]:  # a new --lr on resume
+            state.set_peak_lr(config["lr"])
     sampler, train_loader, val_loader = make_loaders(train_set, val_set, config, device, rank, world)
-    amp_ctx = autocast_context(device, amp)
+    amp_ctx = autocast_context(device, config["precision"])
     log(f"run {run.path}: {config['arch']} ({count_parameters(model):,} parameters) on {world} x "
         f"{device}, batch {B}{' per process' if world > 1 else ''}, lr {config['lr']:g} "
-        f"({config['schedule']}), amp {amp}" + (f", resuming at epoch {trainer.epoch + 1}, "
-                                                 f"step {trainer.step}" if state else ""))
+        f"({config['schedule']}), amp {config['precision']}"
+        + (f", resuming at epoch {state.epoch + 1}, step {state.step}" if checkpoint else ""))
     deadline = None if config["time_budget"] is None else time.time() + 60 * config["time_budget"]
-    first_epoch = trainer.epoch
-    with run.opened(config, state, fork_source), StopRequest() as stop:
-        while trainer.epoch < config["epochs"]:
-            if trainer.epoch > first_epoch and deadline is not None and agree(time.time() > deadline):
-                log(f"time budget of {config['time_budget']:g} min reached after epoch {trainer.epoch}")
+    first_epoch = state.epoch
+    with run.opened(config, checkpoint, fork_source), StopRequest() as stop:
+        while state.epoch < config["epochs"]:
+            if state.epoch > first_epoch and deadline is not None and agree(time.time() > deadline):
+                log(f"time budget of {config['time_budget']:g} min reached after epoch {state.epoch}")
                 break
             t0 = time.time()
-            order = epoch_order(train_set, config, trainer.epoch)
-            sampler.indices = rank_share(order[trainer.position:], B, rank, world)
-            why = train_epoch(trainer, runnable, train_loader, amp_ctx, run, stop, deadline)
+            order = epoch_order(train_set, config, state.epoch)
+            sampler.indices = rank_share(order[state.position:], B, rank, world)
+            why = train_epoch(state, runnable, train_loader, amp_ctx, run, stop, deadline)
             if why:
-                run.save(trainer.state_dict())
-                message = (f"stopped by {why} at epoch {trainer.epoch + 1}, step {trainer.step}; "
+                run.save(state.state_dict())
+                message = (f"stopped by {why} at epoch {state.epoch + 1}, step {state.step}; "
                            f"saved {run.checkpoints / 'last.pt'}; continue with the same command "
                            f"and --resume, or: python main.py --resume {run.path}")
                 if why != "the time budget":
@@ -866,30 +599,23 @@ def train(config, run, state, fork_source, train_set, val_set, rank, world, devi
                 break
             val_loss, metrics, first = validate(runnable, val_loader, device, amp_ctx,
                                                 config["frames_output"])
-            check_finite(val_loss, "the validation loss", trainer.step, run, trainer)
-            improved = trainer.end_epoch(val_loss, metrics, time.time() - t0)
-            run.save(trainer.state_dict(), improved)
-            result = trainer.history[-1]
-            run.log(trainer.step, {"train/epoch_loss": result["train_loss"], "val/loss": val_loss,
-                                   **{f"val/{k}": metrics[k] for k in METRIC_NAMES}, "lr": trainer.lr},
+            check_finite(val_loss, "the validation loss", state.step, run, state)
+            improved = state.end_epoch(val_loss, metrics, time.time() - t0)
+            run.save(state.state_dict(), improved)
+            result = state.history[-1]
+            run.log(state.step, {"train/epoch_loss": result["train_loss"], "val/loss": val_loss,
+                                 **{f"val/{k}": metrics[k] for k in METRIC_NAMES}, "lr": state.lr},
                     prediction_grid(*first) if rank == 0 else None)
             log(f"epoch {result['epoch']}/{config['epochs']}  train {result['train_loss']:.5f}  "
                 f"val {val_loss:.5f}  mse {metrics['mse']:.1f}  ssim {metrics['ssim']:.4f}  "
-                f"lr {trainer.lr:.2g}  {result['seconds']:.0f}s{'  *best' if improved else ''}")
-            if trainer.stopper.should_stop:
-                log(f"early stopping: no better val loss for {trainer.stopper.patience} epochs")
+                f"lr {state.lr:.2g}  {result['seconds']:.0f}s{'  *best' if improved else ''}")
+            if state.stopper.should_stop:
+                log(f"early stopping: no better val loss for {state.stopper.patience} epochs")
                 break
-    return trainer.history[-1] if trainer.history else {}
+    return state.history[-1] if state.history else {}
 
 
-def agree(*flags: bool):
-    """Each flag is true on every process if it is true on any (a no-op in one process)."""
-    total = all_sum(torch.tensor([float(f) for f in flags], dtype=torch.float64))
-    result = [bool(v > 0) for v in total.tolist()]
-    return result[0] if len(result) == 1 else result
-
-
-def train_epoch(trainer: Trainer, model, loader, amp_ctx, run: RunFolder, stop: StopRequest,
+def train_epoch(state: TrainState, model, loader, amp_ctx, run: RunFolder, stop: StopRequest,
                 deadline: float | None) -> str | None:
     """Train the rest of the current epoch. Returns why it stopped early, or None at its end.
 
@@ -897,28 +623,28 @@ def train_epoch(trainer: Trainer, model, loader, amp_ctx, run: RunFolder, stop: 
     loss is logged, and all processes agree whether to stop (budget or signal), so that
     they stop at the same step.
     """
-    config, B, world = trainer.config, trainer.config["batch_size"], trainer.world
-    device, log_every = trainer.device, config["log_every"]
+    config, B, world = state.config, state.config["batch_size"], state.world
+    device, log_every = state.device, config["log_every"]
     steps = len(loader)
-    logged = (trainer.step, sum(trainer.epoch_losses()))
+    logged = (state.step, sum(state.epoch_losses()))
     t0 = time.time()
-    bar = tqdm(loader, desc=f"epoch {trainer.epoch + 1}", leave=False, dynamic_ncols=True,
-               disable=trainer.rank != 0)
+    bar = tqdm(loader, desc=f"epoch {state.epoch + 1}", leave=False, dynamic_ncols=True,
+               disable=state.rank != 0)
     for k, (inputs, targets) in enumerate(bar, start=1):
         inputs = inputs.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        trainer.train_step(model, inputs, targets, amp_ctx)
-        trainer.position += B * world
+        state.train_step(model, inputs, targets, amp_ctx)
+        state.position += B * world
         if k % log_every and k != steps and not (world == 1 and stop.signal):
             continue
         late, signalled = agree(deadline is not None and time.time() > deadline,
                                 stop.signal is not None)
-        total = sum(trainer.epoch_losses())
-        window = (total - logged[1]) / (world * (trainer.step - logged[0]))
-        check_finite(window, "the training loss", trainer.step, run, trainer)
-        run.log(trainer.step, {"train/loss": window, "train/lr": trainer.lr})
+        total = sum(state.epoch_losses())
+        window = (total - logged[1]) / (world * (state.step - logged[0]))
+        check_finite(window, "the training loss", state.step, run, state)
+        run.log(state.step, {"train/loss": window, "train/lr": state.lr})
         bar.set_postfix(loss=f"{window:.5f}", seq_s=f"{k * B * world / (time.time() - t0):.1f}")
-        logged = (trainer.step, total)
+        logged = (state.step, total)
         if signalled or (late and k != steps):
             bar.close()
             return (stop.signal or "a signal") if signalled else "the time budget"

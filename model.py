@@ -1,4 +1,12 @@
-"""Build the encoder-forecaster from a net_params preset, and check that the preset fits."""
+"""The encoder-forecaster: built from a net_params preset (checked first), or loaded from a checkpoint.
+
+    from model import build_model, load_model
+    model = build_model("tiny")                              # fresh weights
+    model = load_model("runs/X/checkpoints/best.pt")         # trained, in eval mode
+    pred = model(x, frames_output=10)  # x (B, T_in, C, H, W) in [0, 1] -> (B, 10, C, H, W)
+
+Needs only torch and the standard library (and the repo's cells, blocks and presets).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +15,12 @@ import inspect
 import torch
 from torch import nn
 
+from checkpoints import load_checkpoint, load_weights
 from ConvRNN import CELLS
 from decoder import Forecaster
 from encoder import Encoder
 from net_params import Conv, Preset, get_preset
-from utils import UsageError
+from utils import UsageError, first_line
 
 FIX = "fix net_params.py"
 
@@ -162,3 +171,21 @@ def build_model(name_or_preset: str | Preset | dict) -> EncoderForecaster:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def load_model(path, map_location="cpu") -> EncoderForecaster:
+    """The forecaster of a checkpoint, in eval mode on the device `map_location` names.
+
+    Any checkpoint main.py writes (a run's last.pt or best.pt) or tools/convert_original.py
+    makes: the checkpoint's config rebuilds the model, its weights fill it. Call it as
+    `model(x, frames_output=N)`. A file that is no such checkpoint, or whose weights don't
+    fit the model its config describes, raises one UsageError naming the file.
+    """
+    checkpoint = load_checkpoint(path, map_location)
+    try:
+        model = build_model(checkpoint["config"]["model"])
+    except (KeyError, TypeError, ValueError) as err:  # a config of another version or project
+        raise UsageError(f"{path}: its config describes no model this version builds "
+                         f"({first_line(err)})") from None
+    load_weights(model, checkpoint["model"], path)
+    return model.to(map_location).eval()

@@ -1,6 +1,6 @@
 """Data for the ConvLSTM/ConvGRU experiments.
 
-`data.mm` generates Moving MNIST (Srivastava et al. 2015) on the fly, reads the
-fixed test set `mnist_test_seq.npy`, and loads custom sequence arrays. It also runs
-as a script: `python -m data.mm --help`.
+`data.mm` generates Moving MNIST (Srivastava et al. 2015) on the fly, downloads MNIST and
+reads or makes the fixed test set; it also runs as a script: `python -m data.mm --help`.
+`data.arrays` loads your own sequence arrays (--train-data, --test-set).
 """

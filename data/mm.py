@@ -1,4 +1,4 @@
-"""Moving MNIST: MNIST files, on-the-fly sequences, the fixed test set, custom arrays.
+"""Moving MNIST: MNIST files and their download, on-the-fly sequences, the fixed test set.
 
 Moving MNIST is defined by Srivastava et al. 2015, "Unsupervised Learning of Video
 Representations using LSTMs" (arXiv 1502.04681): 28x28 MNIST digits bounce inside a
@@ -22,7 +22,6 @@ state is never used, so runs are reproducible whatever else touches it.
 import gzip
 import hashlib
 import math
-import os
 import struct
 import sys
 import urllib.error
@@ -36,12 +35,12 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from utils import ArgumentParser, UsageError, atomic_write, check, run_cli
+from checkpoints import atomic_write
+from data.arrays import load_npy
+from utils import DEFAULT_DATA_ROOT, ArgumentParser, UsageError, check, run_cli
 
 # -----------------------------------------------------------------------------
 # files and where to get them
-
-DEFAULT_ROOT = "data/mnist"  # where the CLI keeps MNIST and mnist_test_seq.npy
 
 TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
 TEST_IMAGES = "t10k-images-idx3-ubyte.gz"
@@ -283,8 +282,9 @@ def generate_sequence(rng, digits, n_frames, num_digits, image_size=64, digit_si
 
 
 def _sample_rng(seed, stream, rank, epoch, index):
-    # SeedSequence mixes all five numbers, so neighbouring seeds, ranks, epochs and
-    # indices give unrelated sequences.
+    # SeedSequence mixes all five numbers, so neighbouring seeds, epochs and indices give
+    # unrelated sequences. `rank` is always 0 now (main.py shards by index, see its
+    # rank_share); it stays in the key so that every sequence is the one earlier versions drew.
     return np.random.default_rng(np.random.SeedSequence([seed, stream, rank, epoch, index]))
 
 
@@ -294,11 +294,13 @@ class MovingMNIST(Dataset):
     Item i is `(inputs, targets)`, float32 in [0, 1], shapes (T_in, 1, H, W) and
     (T_out, 1, H, W): one sequence of T_in + T_out frames, split in two.
 
-    A sample is a pure function of (seed, rank, epoch, index, is_train):
+    A sample is a pure function of (seed, epoch, index, is_train):
     - `is_train=True` draws training digits and fresh sequences every epoch (call
-      `set_epoch`); different ranks get different sequences.
-    - `is_train=False` draws held-out digits and ignores epoch and rank: the same
-      fixed validation set every epoch and on every rank.
+      `set_epoch`).
+    - `is_train=False` draws held-out digits and ignores the epoch: the same fixed
+      validation set every epoch.
+    Under torchrun every process holds the same dataset; main.py gives each its share of
+    the indices.
 
     Epochs and workers: `dataset[(epoch, i)]` is sequence i of that epoch, whatever
     `set_epoch` said, so a sampler that yields (epoch, index) pairs (main.py's) works
@@ -312,7 +314,7 @@ class MovingMNIST(Dataset):
 
     def __init__(self, root, is_train, n_frames_input, n_frames_output, num_objects, *,
                  seed=0, length=10000, image_size=64, digit_size=28, step_length=0.1,
-                 rank=0, download=True, digits=None):
+                 download=True, digits=None):
         super().__init__()
         if isinstance(num_objects, int):
             num_objects = [num_objects]
@@ -325,8 +327,8 @@ class MovingMNIST(Dataset):
         if image_size < digit_size:
             raise UsageError(f"image_size {image_size} is smaller than digit_size "
                              f"{digit_size}")
-        if seed < 0 or rank < 0:
-            raise UsageError(f"seed and rank must be >= 0, got {seed} and {rank}")
+        if seed < 0:
+            raise UsageError(f"seed must be >= 0, got {seed}")
         if digits is None:
             train_digits, heldout_digits = digit_pools(root, download=download)
             digits = train_digits if is_train else heldout_digits
@@ -345,7 +347,6 @@ class MovingMNIST(Dataset):
         self.image_size = image_size
         self.digit_size = digit_size
         self.step_length = step_length
-        self.rank = rank
         self.epoch = 0
 
     def set_epoch(self, epoch):
@@ -360,7 +361,7 @@ class MovingMNIST(Dataset):
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} sequences")
         if self.is_train:
-            rng = _sample_rng(self.seed, _STREAM_TRAIN, self.rank, epoch, index)
+            rng = _sample_rng(self.seed, _STREAM_TRAIN, 0, epoch, index)
         else:
             rng = _sample_rng(self.seed, _STREAM_VAL, 0, 0, index)
         num_digits = self.num_objects[rng.integers(len(self.num_objects))]
@@ -374,23 +375,13 @@ class MovingMNIST(Dataset):
 # -----------------------------------------------------------------------------
 # fixed test sets
 
-def _load_npy(path: Path) -> np.ndarray:
-    """Memory-map a .npy file read-only, or raise UsageError saying what is wrong with it."""
-    check(not path.is_dir(), f"{path} is a directory; pass a .npy file")
-    check(path.exists(), f"{path}: no such file")
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:  # e.g. "mmap length is greater than file size"
-        raise UsageError(f"{path}: not a readable .npy file, truncated or not numpy ({e})") from None
-
-
 def load_test_set(path):
     """Read a Moving MNIST test set in the `mnist_test_seq.npy` layout (T, N, H, W) uint8.
 
     The array is memory-mapped read-only: the standard file is 820 MB.
     """
     path = Path(path)
-    arr = _load_npy(path)
+    arr = load_npy(path)
     if arr.ndim != 4 or arr.dtype != np.uint8:
         raise UsageError(f"{path}: found {arr.dtype} {arr.shape}, expected uint8 "
                          f"(T, N, H, W) like mnist_test_seq.npy (20, 10000, 64, 64)")
@@ -421,115 +412,6 @@ def make_test_set(root, num, num_digits=2, seed=0, n_frames=20, image_size=64, *
 
 
 # -----------------------------------------------------------------------------
-# custom data
-
-LAYOUTS = ("TNHW", "NTHW", "NTCHW")
-
-
-def load_sequences(path_or_array, layout=None):
-    """Load sequences as (N, T, C, H, W), keeping the dtype (uint8 or float in [0, 1]).
-
-    `path_or_array` is an array, a .npy file, or a .npz file holding either a single
-    array or one named "sequences". `layout` is "TNHW" (mnist_test_seq.npy),
-    "NTHW" or "NTCHW"; None means NTCHW for 5-D and NTHW for 4-D arrays. Returns a
-    view where it can (a .npy file is memory-mapped).
-    """
-    if isinstance(path_or_array, (str, os.PathLike)):
-        path = Path(path_or_array)
-        name = str(path)
-        if path.suffix == ".npy":
-            arr = _load_npy(path)
-        elif path.suffix == ".npz":
-            check(path.is_file(), f"{path}: no such file")
-            with np.load(path, allow_pickle=False) as z:
-                if len(z.files) == 1:
-                    arr = z[z.files[0]]
-                elif "sequences" in z.files:
-                    arr = z["sequences"]
-                else:
-                    raise UsageError(f"{name}: holds arrays {z.files}; save a single array "
-                                     f"or name the sequences 'sequences'")
-        else:
-            raise UsageError(f"{name}: expected a .npy or .npz file")
-    else:
-        arr = np.asarray(path_or_array)
-        name = f"array {arr.dtype} {arr.shape}"
-
-    if arr.dtype != np.uint8 and not np.issubdtype(arr.dtype, np.floating):
-        raise UsageError(f"{name}: dtype {arr.dtype}; expected uint8 (0-255) or float "
-                         f"in [0, 1]")
-    if layout is None:
-        layout = "NTCHW" if arr.ndim == 5 else "NTHW"
-    if layout not in LAYOUTS:
-        raise UsageError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-    if arr.ndim != len(layout):
-        raise UsageError(f"{name}: shape {arr.shape} is {arr.ndim}-D, but layout "
-                         f"{layout} needs {len(layout)} dimensions")
-    if arr.dtype != np.uint8 and arr.size:
-        lo, hi = arr.min(), arr.max()
-        if not (lo >= 0 and hi <= 1):  # also catches NaN
-            raise UsageError(f"{name}: float values span [{lo}, {hi}]; expected [0, 1] "
-                             f"(divide uint8 frames by 255)")
-    if layout == "TNHW":
-        arr = arr.transpose(1, 0, 2, 3)  # (N, T, H, W)
-    if arr.ndim == 4:
-        arr = arr[:, :, None]  # (N, T, 1, H, W)
-    return arr
-
-
-class SequenceArrayDataset(Dataset):
-    """(inputs, targets) from an array of sequences (N, T, C, H, W), uint8 or float.
-
-    Item i is float32 in [0, 1] (uint8 divided by 255): the first T_in frames of
-    sequence `indices[i]`, shape (T_in, C, H, W), and the next T_out, shape
-    (T_out, C, H, W). `indices` defaults to all sequences (see `split_holdout`).
-    """
-
-    def __init__(self, sequences, n_frames_input, n_frames_output, indices=None):
-        super().__init__()
-        if sequences.ndim != 5:
-            raise UsageError(f"sequences must be (N, T, C, H, W), got shape "
-                             f"{sequences.shape}; load_sequences converts other layouts")
-        n, t = sequences.shape[:2]
-        if n_frames_input < 1 or n_frames_output < 1 or n_frames_input + n_frames_output > t:
-            raise UsageError(f"{n_frames_input} input + {n_frames_output} output frames "
-                             f"don't fit in sequences of {t} frames")
-        indices = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
-        if indices.size and (indices.min() < 0 or indices.max() >= n):
-            raise UsageError(f"indices span [{indices.min()}, {indices.max()}] but there "
-                             f"are {n} sequences")
-        self.sequences = sequences
-        self.indices = indices
-        self.n_frames_input = n_frames_input
-        self.n_frames_output = n_frames_output
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        n_frames = self.n_frames_input + self.n_frames_output
-        # A copy: the array may be a read-only memmap, which torch can't wrap.
-        seq = np.array(self.sequences[self.indices[i], :n_frames])  # (T, C, H, W)
-        frames = torch.from_numpy(seq)
-        frames = frames.float().div_(255) if seq.dtype == np.uint8 else frames.float()
-        return frames[:self.n_frames_input], frames[self.n_frames_input:]
-
-
-def split_holdout(n, holdout_fraction=0.1, min_holdout=1):
-    """Split range(n) into (train_indices, val_indices); validation is the tail.
-
-    The tail holds round(n * holdout_fraction) sequences, at least `min_holdout`, and
-    at least one sequence is left for training.
-    """
-    if not 0 <= holdout_fraction < 1:
-        raise UsageError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
-    n_val = max(min_holdout, round(n * holdout_fraction))
-    if n_val >= n:
-        raise UsageError(f"holding out {n_val} of {n} sequences leaves none to train on")
-    return np.arange(n - n_val), np.arange(n - n_val, n)
-
-
-# -----------------------------------------------------------------------------
 # command line
 
 def main(argv=None):
@@ -538,15 +420,15 @@ def main(argv=None):
 
     p = sub.add_parser("download", help="download the MNIST image files (and optionally "
                        "the fixed Moving MNIST test set)")
-    p.add_argument("--root", default=DEFAULT_ROOT, metavar="DIR",
-                   help=f"folder for the files (default: {DEFAULT_ROOT})")
+    p.add_argument("--root", default=DEFAULT_DATA_ROOT, metavar="DIR",
+                   help=f"folder for the files (default: {DEFAULT_DATA_ROOT})")
     p.add_argument("--moving-mnist-test", action="store_true",
                    help=f"also download {MOVING_MNIST_TEST[0]} (820 MB) (default: off)")
 
     p = sub.add_parser("make-test-set", help="write a fixed test set (T, N, H, W) uint8 "
                        "from held-out digits")
-    p.add_argument("--root", default=DEFAULT_ROOT, metavar="DIR",
-                   help=f"folder with the MNIST files (default: {DEFAULT_ROOT})")
+    p.add_argument("--root", default=DEFAULT_DATA_ROOT, metavar="DIR",
+                   help=f"folder with the MNIST files (default: {DEFAULT_DATA_ROOT})")
     p.add_argument("--out", required=True, metavar="FILE", help="output .npy file")
     p.add_argument("--num", type=int, default=10000, metavar="N",
                    help="number of sequences (default: 10000)")

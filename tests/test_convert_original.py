@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from ConvRNN import ConvGRUCell
+from checkpoints import load_checkpoint
 from model import build_model
 from original_model import CGRU_cell, ED
 from tools import convert_original
-from utils import load_checkpoint, run_cli
+from utils import run_cli
 from helpers import randomize
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from data import mm
+from data import arrays, mm
 from helpers import said
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def test_dataset_shapes_and_range(pools):
 
 
 # -----------------------------------------------------------------------------
-# 2. determinism, epochs, workers, ranks
+# 2. determinism, epochs, workers
 
 def test_samples_are_pure_functions_of_seed_epoch_index(pools):
     a, b = make_dataset(pools[0]), make_dataset(pools[0])
@@ -127,7 +127,7 @@ def test_samples_are_pure_functions_of_seed_epoch_index(pools):
     assert as_bytes(make_dataset(pools[0], seed=1))[0] != as_bytes(a)[0]
 
 
-def test_dataloader_workers_epochs_and_ranks(pools):
+def test_dataloader_workers_and_epochs(pools):
     ds = make_dataset(pools[0], length=48)
     loader = DataLoader(ds, batch_size=4, shuffle=True, num_workers=2,
                         persistent_workers=False, generator=torch.Generator().manual_seed(0))
@@ -144,8 +144,6 @@ def test_dataloader_workers_epochs_and_ranks(pools):
     assert set(e0) == set(as_bytes(ds, epoch=0))  # workers saw the epoch set here
     assert set(e1) == set(as_bytes(ds, epoch=1))
     assert not set(e0) & set(e1)  # fresh sequences each epoch
-    other_rank = make_dataset(pools[0], length=48, rank=1)
-    assert not set(as_bytes(other_rank)) & set(e0)
 
 
 def test_epoch_index_keys_work_in_persistent_workers(pools):
@@ -160,12 +158,11 @@ def test_epoch_index_keys_work_in_persistent_workers(pools):
         assert seen == by_key
 
 
-def test_heldout_set_is_fixed_across_epochs_and_ranks(pools):
+def test_heldout_set_is_fixed_across_epochs(pools):
     val = make_dataset(pools[1], is_train=False)
     first = as_bytes(val)
     val.set_epoch(5)
     assert as_bytes(val) == first
-    assert as_bytes(make_dataset(pools[1], is_train=False, rank=3)) == first
     # Same digits, seed and index, but training sequences come from another stream.
     assert not set(as_bytes(make_dataset(pools[1], is_train=True))) & set(first)
 
@@ -415,10 +412,10 @@ def test_load_test_set_rejects_non_npy(tmp_path):
 def test_custom_uint8_nthw(tmp_path):
     arr = np.random.default_rng(0).integers(0, 256, (5, 12, 16, 16), dtype=np.uint8)
     np.save(tmp_path / "s.npy", arr)
-    seqs = mm.load_sequences(tmp_path / "s.npy")
+    seqs = arrays.load_sequences(tmp_path / "s.npy")
     assert seqs.shape == (5, 12, 1, 16, 16) and seqs.dtype == np.uint8
-    train, val = mm.split_holdout(len(seqs), 0.2)
-    ds = mm.SequenceArrayDataset(seqs, 4, 6, indices=val)
+    train, val = arrays.split_holdout(len(seqs), 0.2)
+    ds = arrays.SequenceArrayDataset(seqs, 4, 6, indices=val)
     assert len(ds) == 1
     x, y = ds[0]
     assert x.shape == (4, 1, 16, 16) and y.shape == (6, 1, 16, 16) and x.dtype == torch.float32
@@ -429,14 +426,14 @@ def test_custom_uint8_nthw(tmp_path):
 def test_custom_float_ntchw_npz_and_tnhw(tmp_path):
     arr = np.random.default_rng(0).random((3, 8, 2, 10, 10), dtype=np.float32)
     np.savez(tmp_path / "s.npz", sequences=arr, other=np.zeros(3))
-    seqs = mm.load_sequences(tmp_path / "s.npz")
+    seqs = arrays.load_sequences(tmp_path / "s.npz")
     np.testing.assert_array_equal(seqs, arr)
-    x, y = mm.SequenceArrayDataset(seqs, 5, 3)[2]
+    x, y = arrays.SequenceArrayDataset(seqs, 5, 3)[2]
     assert x.shape == (5, 2, 10, 10) and y.shape == (3, 2, 10, 10)
     torch.testing.assert_close(y, torch.from_numpy(arr[2, 5:]))
 
     tnhw = np.random.default_rng(1).integers(0, 256, (20, 4, 64, 64), dtype=np.uint8)
-    seqs = mm.load_sequences(tnhw, layout="TNHW")
+    seqs = arrays.load_sequences(tnhw, layout="TNHW")
     assert seqs.shape == (4, 20, 1, 64, 64)
     np.testing.assert_array_equal(seqs[3, 7, 0], tnhw[7, 3])
 
@@ -451,24 +448,24 @@ def test_custom_float_ntchw_npz_and_tnhw(tmp_path):
 ])
 def test_bad_custom_arrays_are_rejected(array, layout, message):
     with pytest.raises(ValueError, match=message):
-        mm.load_sequences(array, layout)
+        arrays.load_sequences(array, layout)
 
 
 def test_bad_custom_files_and_lengths_are_rejected(tmp_path):
     np.savez(tmp_path / "two.npz", a=np.zeros((2, 5, 8, 8)), b=np.zeros(2))
     with pytest.raises(ValueError, match="name the sequences 'sequences'"):
-        mm.load_sequences(tmp_path / "two.npz")
-    seqs = mm.load_sequences(np.zeros((2, 5, 8, 8), np.uint8))
+        arrays.load_sequences(tmp_path / "two.npz")
+    seqs = arrays.load_sequences(np.zeros((2, 5, 8, 8), np.uint8))
     with pytest.raises(ValueError, match="don't fit in sequences of 5 frames"):
-        mm.SequenceArrayDataset(seqs, 3, 3)
+        arrays.SequenceArrayDataset(seqs, 3, 3)
     with pytest.raises(ValueError, match="indices span"):
-        mm.SequenceArrayDataset(seqs, 2, 3, indices=[0, 2])
+        arrays.SequenceArrayDataset(seqs, 2, 3, indices=[0, 2])
 
 
 def test_split_holdout_takes_the_tail():
-    train, val = mm.split_holdout(10)
+    train, val = arrays.split_holdout(10)
     assert train.tolist() == list(range(9)) and val.tolist() == [9]
-    train, val = mm.split_holdout(100, 0.25, min_holdout=30)
+    train, val = arrays.split_holdout(100, 0.25, min_holdout=30)
     assert len(val) == 30 and val[0] == 70 and len(train) == 70
     with pytest.raises(ValueError, match="leaves none to train on"):
-        mm.split_holdout(1)
+        arrays.split_holdout(1)

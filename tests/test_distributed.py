@@ -13,8 +13,9 @@ import torch
 from torch.utils.data import DataLoader
 
 import main
+from checkpoints import load_checkpoint
+from devices import autocast_context
 from model import build_model
-from utils import autocast_context, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,9 @@ from skimage.metrics import structural_similarity
 
 import evaluate
 import main
+from checkpoints import atomic_save, load_checkpoint
 from data import mm
-from utils import atomic_save, load_checkpoint
+from utils import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,7 @@ def test_weights_that_do_not_fit_their_config_are_one_clear_error(run, tmp_path)
     ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
     ckpt["model"] = {k: v for k, v in ckpt["model"].items() if "head" not in k}
     atomic_save(ckpt, tmp_path / "cut.pt")
-    with pytest.raises(evaluate.UsageError, match=r"cut\.pt: its weights don't fit"):
+    with pytest.raises(UsageError, match=r"cut\.pt: its weights don't fit"):
         evaluate.main(["--checkpoint", str(tmp_path / "cut.pt"), "--device", "cpu"])
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import main
-from utils import load_checkpoint
+from checkpoints import load_checkpoint
 
 pytestmark = pytest.mark.slow  # about 30 training processes
 

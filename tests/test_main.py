@@ -14,7 +14,8 @@ import torch
 import main
 import net_params
 from net_params import Conv, Preset, Stage
-from utils import load_checkpoint, run_cli
+from checkpoints import load_checkpoint
+from utils import run_cli
 
 # Every setting that decides the numbers, so that later default changes can't move them.
 RECIPE = ["--schedule", "plateau", "--optimizer", "adam", "--loss", "mse", "--clip", "10",
@@ -345,7 +346,7 @@ def test_amp_defaults_to_auto_which_is_fp32_on_the_cpu(capsys):
         main.main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--amp {auto,none,bf16,fp16}" in help_text and "(default: auto)" in help_text
-    from utils import resolve_amp
+    from devices import resolve_amp
     assert resolve_amp("auto", torch.device("cpu")) == "none"
     assert resolve_amp("bf16", torch.device("cpu")) == "bf16"
 

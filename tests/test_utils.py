@@ -8,6 +8,10 @@ import torch
 from PIL import Image
 from skimage.metrics import structural_similarity
 
+import checkpoints
+import devices
+import metrics
+import pictures
 import utils
 
 
@@ -49,7 +53,7 @@ def _reference(pred, target):
 @pytest.mark.parametrize("channels", [1, 3])
 def test_metrics_match_reference(channels):
     pred, target = _videos(c=channels)
-    acc = utils.MetricAccumulator(4)
+    acc = metrics.MetricAccumulator(4)
     acc.update(pred, target)
     got, want = acc.compute(), _reference(pred, target)
     for key in ("mse", "mae", "ssim", "psnr", "ssim_openstl"):
@@ -60,7 +64,7 @@ def test_metrics_match_reference(channels):
 
 def test_two_batches_equal_one():
     pred, target = _videos(b=6)
-    whole, split = utils.MetricAccumulator(4), utils.MetricAccumulator(4)
+    whole, split = metrics.MetricAccumulator(4), metrics.MetricAccumulator(4)
     whole.update(pred, target)
     split.update(pred[:2], target[:2])
     split.update(pred[2:], target[2:])
@@ -70,18 +74,18 @@ def test_two_batches_equal_one():
 
 def test_tensor_round_trip_and_sum_like_all_reduce():
     pred, target = _videos(b=6)
-    whole, first, second = (utils.MetricAccumulator(4) for _ in range(3))
+    whole, first, second = (metrics.MetricAccumulator(4) for _ in range(3))
     whole.update(pred, target)
     first.update(pred[:3], target[:3])
     second.update(pred[3:], target[3:])
 
     flat = whole.as_tensor()
     assert flat.shape == (5 * 4 + 1,) and flat.dtype == torch.float64
-    restored = utils.MetricAccumulator(4)
+    restored = metrics.MetricAccumulator(4)
     restored.load_tensor(flat)
     assert restored.compute() == whole.compute()
 
-    reduced = utils.MetricAccumulator(4)
+    reduced = metrics.MetricAccumulator(4)
     reduced.load_tensor(first.as_tensor() + second.as_tensor())
     assert reduced.count == 6
     got, want = reduced.compute(), whole.compute()
@@ -89,19 +93,19 @@ def test_tensor_round_trip_and_sum_like_all_reduce():
         assert got[key] == pytest.approx(want[key], rel=1e-12)
 
     with pytest.raises(ValueError, match="21"):
-        utils.MetricAccumulator(4).load_tensor(torch.zeros(5))
+        metrics.MetricAccumulator(4).load_tensor(torch.zeros(5))
 
 
 def test_clipping_for_ssim_psnr_but_not_mse_mae():
     target = torch.ones(1, 1, 1, 8, 8)
     pred = torch.full_like(target, 1.5)  # clipped, this is a perfect prediction
-    acc = utils.MetricAccumulator(1)
+    acc = metrics.MetricAccumulator(1)
     acc.update(pred, target)
     m = acc.compute()
     assert m["mse"] == pytest.approx(0.25 * 64)
     assert m["mae"] == pytest.approx(0.5 * 64)
     assert m["ssim"] == pytest.approx(1.0)
-    assert m["psnr"] == pytest.approx(10 * np.log10(1 / utils.PSNR_MIN_MSE))  # capped, not inf
+    assert m["psnr"] == pytest.approx(10 * np.log10(1 / metrics.PSNR_MIN_MSE))  # capped, not inf
     assert torch.all(pred == 1.5)  # the caller's tensor is untouched
 
 
@@ -109,7 +113,7 @@ def test_clipping_for_ssim_psnr_but_not_mse_mae():
 def test_all_zero_prediction_against_k_ones(k):
     target = torch.zeros(2, 3, 1, 8, 8)
     target.view(2, 3, -1)[..., :k] = 1.0
-    acc = utils.MetricAccumulator(3)
+    acc = metrics.MetricAccumulator(3)
     acc.update(torch.zeros_like(target), target)
     m = acc.compute()
     assert m["mse"] == k and m["mae"] == k
@@ -117,7 +121,7 @@ def test_all_zero_prediction_against_k_ones(k):
 
 
 def test_update_rejects_bad_input():
-    acc = utils.MetricAccumulator(4)
+    acc = metrics.MetricAccumulator(4)
     pred, target = _videos()
     with pytest.raises(ValueError, match="shape"):
         acc.update(pred, target[:, :3])
@@ -133,7 +137,7 @@ def test_update_rejects_bad_input():
 
 def test_copy_last_frame():
     inputs = torch.rand(2, 5, 1, 8, 8)
-    out = utils.copy_last_frame(inputs, 3)
+    out = metrics.copy_last_frame(inputs, 3)
     assert out.shape == (2, 3, 1, 8, 8)
     for t in range(3):
         assert torch.equal(out[:, t], inputs[:, -1])
@@ -150,7 +154,7 @@ def _grid_videos(c=1):
 
 def test_prediction_grid_layout():
     inputs, targets, preds = _grid_videos()
-    grid = utils.prediction_grid(inputs, targets, preds, max_sequences=2, pad=2)
+    grid = pictures.prediction_grid(inputs, targets, preds, max_sequences=2, pad=2)
     # 2 sequences x 3 rows of 8 px, 2 px between rows, 6 px between sequences; 5 columns
     assert grid.shape == (2 + 6 * (8 + 2) + 4, 2 + 5 * (8 + 2))
     assert grid.dtype == np.uint8
@@ -161,7 +165,7 @@ def test_prediction_grid_layout():
         np.testing.assert_array_equal(cell, want)
     assert grid[22, 2] == 255
     # the truth row has 3 frames, so columns 4 and 5 are background
-    assert np.all(grid[12:20, 32:] == utils.BACKGROUND)
+    assert np.all(grid[12:20, 32:] == pictures.BACKGROUND)
     # sequence 1's input row starts after the wider gap
     want = np.rint(inputs[1, 4, 0].numpy() * 255).astype(np.uint8)
     np.testing.assert_array_equal(grid[36:44, 42:50], want)
@@ -169,17 +173,17 @@ def test_prediction_grid_layout():
 
 def test_prediction_grid_rgb_and_numpy():
     inputs, targets, preds = (x.numpy() for x in _grid_videos(c=3))
-    grid = utils.prediction_grid(inputs, targets, preds, max_sequences=4, pad=1)
+    grid = pictures.prediction_grid(inputs, targets, preds, max_sequences=4, pad=1)
     assert grid.shape == (1 + 9 * (8 + 1) + 2 * 2, 1 + 5 * 9, 3)
     with pytest.raises(ValueError, match="channels"):
-        utils.prediction_grid(inputs[:, :, :2], targets[:, :, :2], preds[:, :, :2])
+        pictures.prediction_grid(inputs[:, :, :2], targets[:, :, :2], preds[:, :, :2])
 
 
 def test_save_prediction_figure(tmp_path):
     inputs, targets, preds = _grid_videos()
     path = tmp_path / "new" / "dir" / "figure.png"
-    utils.save_prediction_figure(path, inputs, targets, preds, max_sequences=2, pad=2, scale=2)
-    grid = utils.prediction_grid(inputs, targets, preds, max_sequences=2, pad=2)
+    pictures.save_prediction_figure(path, inputs, targets, preds, max_sequences=2, pad=2, scale=2)
+    grid = pictures.prediction_grid(inputs, targets, preds, max_sequences=2, pad=2)
     with Image.open(path) as img:
         assert img.format == "PNG"
         pixels = np.asarray(img)
@@ -194,7 +198,7 @@ def test_save_prediction_figure(tmp_path):
 def test_save_prediction_gif(tmp_path, channels):
     inputs, targets, preds = _grid_videos(c=channels)
     path = tmp_path / "gifs" / "pred.gif"
-    utils.save_prediction_gif(path, inputs, targets, preds, max_sequences=2, duration_ms=100)
+    pictures.save_prediction_gif(path, inputs, targets, preds, max_sequences=2, duration_ms=100)
     with Image.open(path) as img:
         assert img.format == "GIF"
         assert img.n_frames == 5 + 3
@@ -207,8 +211,8 @@ def test_atomic_save_load_checkpoint_round_trip(tmp_path):
     ckpt = {"model": {"w": torch.randn(3, 4)}, "config": {"preset": "tiny", "lr": 1e-4},
             "iteration": 7, "rng": utils.rng_state()}
     path = tmp_path / "run" / "ckpt.pt"
-    utils.atomic_save(ckpt, path)
-    loaded = utils.load_checkpoint(path)
+    checkpoints.atomic_save(ckpt, path)
+    loaded = checkpoints.load_checkpoint(path)
     assert torch.equal(loaded["model"]["w"], ckpt["model"]["w"])
     assert loaded["config"] == ckpt["config"] and loaded["iteration"] == 7
     assert os.listdir(path.parent) == ["ckpt.pt"]
@@ -247,7 +251,7 @@ def test_load_checkpoint_rejects(tmp_path, write, problem):
     if write is not None:
         write(path)
     with pytest.raises(ValueError) as info:
-        utils.load_checkpoint(path)
+        checkpoints.load_checkpoint(path)
     message = str(info.value)
     assert str(path) in message and "not a checkpoint written by main.py" in message
     assert problem in message
@@ -256,13 +260,13 @@ def test_load_checkpoint_rejects(tmp_path, write, problem):
 
 def test_failed_save_keeps_existing_file(tmp_path):
     path = tmp_path / "ckpt.pt"
-    utils.atomic_save({"model": {}, "config": {"v": 1}}, path)
+    checkpoints.atomic_save({"model": {}, "config": {"v": 1}}, path)
     before = path.read_bytes()
     with pytest.raises(Exception):
-        utils.atomic_save({"model": {}, "config": {"fn": lambda x: x}}, path)
+        checkpoints.atomic_save({"model": {}, "config": {"fn": lambda x: x}}, path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temporary file is gone too
-    assert utils.load_checkpoint(path)["config"] == {"v": 1}
+    assert checkpoints.load_checkpoint(path)["config"] == {"v": 1}
 
 
 def test_rng_state_survives_save_and_load():
@@ -279,20 +283,20 @@ def test_rng_state_survives_save_and_load():
 
 
 def test_pick_device():
-    assert utils.pick_device("cpu") == torch.device("cpu")
+    assert devices.pick_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="not a device name"):
-        utils.pick_device("gpu")
+        devices.pick_device("gpu")
     if torch.cuda.is_available():
-        assert utils.pick_device("auto").type == "cuda"
+        assert devices.pick_device("auto").type == "cuda"
     else:
         with pytest.raises(ValueError, match=re.escape("torch.cuda.is_available() is False")):
-            utils.pick_device("cuda")
+            devices.pick_device("cuda")
         if not torch.backends.mps.is_available():
-            assert utils.pick_device("auto") == torch.device("cpu")
+            assert devices.pick_device("auto") == torch.device("cpu")
 
 
 def test_format_metrics_table():
-    table = utils.format_metrics_table({
+    table = metrics.format_metrics_table({
         "model": {"mse": 23.456, "mae": 72.8, "ssim": 0.94621, "psnr": 21.3, "ssim_openstl": 0.95,
                   "per_frame_mse": [1.0]},
         "copy_last_baseline": {"mse": 307.0, "mae": 360.0, "ssim": 0.64},
@@ -305,7 +309,7 @@ def test_format_metrics_table():
 
 
 def test_one_evaluation_loop_scores_model_and_baselines():
-    """utils.score: the model's metrics and loss, a baseline's, the first batch, restored mode."""
+    """metrics.score: the model's metrics and loss, a baseline's, the first batch, restored mode."""
     g = torch.Generator().manual_seed(0)
     inputs, targets = torch.rand(5, 3, 1, 8, 8, generator=g), torch.rand(5, 2, 1, 8, 8, generator=g)
     loader = [(inputs[:3], targets[:3]), (inputs[3:], targets[3:])]
@@ -315,15 +319,15 @@ def test_one_evaluation_loop_scores_model_and_baselines():
             return x[:, -1:].repeat(1, frames_output, 1, 1, 1) * 0.5
 
     model = Half().train()
-    scores = utils.score(model, loader, torch.device("cpu"), utils.autocast_context(
-        torch.device("cpu"), "none"), 2, baselines={"copy": utils.copy_last_frame})
+    scores = metrics.score(model, loader, torch.device("cpu"), devices.autocast_context(
+        torch.device("cpu"), "none"), 2, baselines={"copy": metrics.copy_last_frame})
     assert model.training and scores.sequences == 5
-    half, copy = utils.MetricAccumulator(2), utils.MetricAccumulator(2)
+    half, copy = metrics.MetricAccumulator(2), metrics.MetricAccumulator(2)
     half.update(inputs[:, -1:].repeat(1, 2, 1, 1, 1) * 0.5, targets)
-    copy.update(utils.copy_last_frame(inputs, 2), targets)
+    copy.update(metrics.copy_last_frame(inputs, 2), targets)
     for name, want in (("model", half), ("copy", copy)):
         got = scores.metrics[name].compute()
-        for key in utils.METRIC_NAMES:
+        for key in metrics.METRIC_NAMES:
             assert got[key] == pytest.approx(want.compute()[key], rel=1e-12), (name, key)
     assert scores.loss == pytest.approx(((inputs[:, -1:] * 0.5 - targets) ** 2).mean().item())
     assert torch.equal(scores.first_batch[0], inputs[:3])

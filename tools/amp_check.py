@@ -9,7 +9,6 @@ docs/speed.md has the figures this printed.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -19,16 +18,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import utils
+from checkpoints import write_rows
 from data import mm
+from devices import autocast_context, pick_device, resolve_amp
 from model import build_model
 from net_params import get_preset
 from tools.bench import add_shape_flags
-from utils import UsageError, autocast_context, train_step
+from training import grad_scaler, train_step
+from utils import ArgumentParser, UsageError, check, run_cli
 
 
 def parse_args(argv):
-    p = utils.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     add_shape_flags(p, arch="tiny", batch_size=8)
     p.add_argument("--amp", default="bf16", metavar="bf16|fp16",
                    help="low precision(s) to compare with fp32, comma-separated; fp16 needs "
@@ -85,7 +86,7 @@ def amp_loss_check(arch: str, amp: str, steps: int, batch: int, frames_input: in
         torch.manual_seed(seed)
         model = build_model(preset).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=preset.lr)
-        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        scaler = grad_scaler(device, precision)
         losses = []
         for k in range(steps):
             inputs, targets = batch_of(train, k * batch)
@@ -104,13 +105,13 @@ def amp_loss_check(arch: str, amp: str, steps: int, batch: int, frames_input: in
 
 def main(argv=None) -> list[dict]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    device = utils.pick_device(args.device)
+    device = pick_device(args.device)
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     amps = [a.strip() for a in args.amp.split(",") if a.strip()]
-    utils.check(bool(archs and amps), "--arch and --amp need a value each")
+    check(bool(archs and amps), "--arch and --amp need a value each")
     for amp in amps:
-        utils.check(amp in ("bf16", "fp16"), f"--amp {amp!r}: compare fp32 with bf16 or fp16")
-        utils.resolve_amp(amp, device)  # fp16 needs CUDA
+        check(amp in ("bf16", "fp16"), f"--amp {amp!r}: compare fp32 with bf16 or fp16")
+        resolve_amp(amp, device)  # fp16 needs CUDA
     for arch in archs:
         try:
             get_preset(arch)
@@ -128,10 +129,9 @@ def main(argv=None) -> list[dict]:
                 print(f"  {key:17s} fp32 {r['fp32'][key]:.5f}  {amp} {r[amp][key]:.5f}  "
                       f"ratio {r[key + '_ratio']:.3f}")
     if args.json:
-        utils.atomic_write_text(args.json, json.dumps(results[0] if len(results) == 1
-                                                      else {"runs": results}, indent=2) + "\n")
+        write_rows(args.json, results)
     return results
 
 
 if __name__ == "__main__":
-    sys.exit(utils.run_cli(main))
+    sys.exit(run_cli(main))

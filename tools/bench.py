@@ -5,7 +5,7 @@
     python tools/bench.py --conv direct,winograd --channels-last  # Winograd: fp32 only
     python tools/bench.py --arch trajgru --no-reference
 
-One row per --arch x --amp x --conv setting: the median time of utils.train_step (forward,
+One row per --arch x --amp x --conv setting: the median time of training.train_step (forward,
 loss, backward, clipping, Adam) after warm-up, GFLOP per step, the GFLOP/s of one large
 convolution of the model's dominant shape (the roofline), peak memory, and the speed-up over
 the textbook model of tools/textbook.py. docs/speed.md says how each figure is measured.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import json
 import platform
 import resource
 import statistics
@@ -29,14 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import utils
+from checkpoints import write_rows
+from devices import autocast_context, pick_device, set_up, synchronize, use_conv
 from model import build_model
 from net_params import get_preset
 from tools.textbook import TEXTBOOK_CELLS, build_textbook
-from tools.winograd import use_winograd
-from utils import UsageError, autocast_context, synchronize, train_step
-
-CONVS = ("direct", "winograd")
+from training import grad_scaler, train_step
+from utils import ArgumentParser, UsageError, check, format_table, run_cli
 
 
 def add_shape_flags(p, arch: str, batch_size: int) -> None:
@@ -54,7 +52,7 @@ def add_shape_flags(p, arch: str, batch_size: int) -> None:
 
 
 def parse_args(argv):
-    p = utils.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     add_shape_flags(p, arch="convlstm", batch_size=4)
     p.add_argument("--amp", default="auto", metavar="auto|none|bf16|fp16",
                    help="autocast precision(s), comma-separated; auto = bf16 on CUDA GPUs "
@@ -69,7 +67,7 @@ def parse_args(argv):
                    help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--default-malloc", action="store_true",
                    help="keep glibc's default of unmapping freed tensors over 32 MB (default: "
-                        "keep them for reuse on the CPU, see utils.keep_freed_memory)")
+                        "keep them for reuse on the CPU, see devices.keep_freed_memory)")
     p.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed steps (default: 1)")
     p.add_argument("--repeats", type=int, default=3, metavar="N",
                    help="timed steps; the median is reported (default: 3)")
@@ -186,9 +184,9 @@ def roofline_gflops(device, amp: str, fmt, batch: int, in_channels: int, out_cha
 
 
 def time_training(model, device, amp: str, inputs, targets, args, lr: float) -> dict:
-    """Time utils.train_step with Adam; the GradScaler is on only for fp16."""
+    """Time training.train_step with Adam; the GradScaler is on only for fp16."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    scaler = grad_scaler(device, amp)
 
     def step():
         train_step(model, optimizer, scaler, inputs, targets, autocast_context(device, amp))
@@ -235,14 +233,13 @@ def run_row(args, arch: str, amp: str, conv: str, device, textbook_cache: dict) 
 
     def build():
         model = build_model(preset)
-        if conv == "winograd":
-            use_winograd(model)
+        use_conv(model, conv)
         return model
 
     baseline_kb = memory_baseline_kb()
     torch.manual_seed(args.seed)
     model = build_model(preset).to(device, memory_format=fmt)
-    swapped = use_winograd(model) if conv == "winograd" else 0
+    swapped = use_conv(model, conv)
     in_ch, out_ch, kernel = dominant_conv(model)
     runnable = torch.compile(model) if args.compile else model
     fast = time_training(runnable, device, amp, inputs, targets, args, preset.lr)
@@ -312,26 +309,20 @@ COLUMNS = [("arch", "arch", "{}"), ("amp", "amp", "{}"), ("conv", "conv", "{}"),
 
 def main(argv=None) -> list[dict]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    device = utils.pick_device(args.device)
+    device = pick_device(args.device)
     archs, convs = _split(args.arch), _split(args.conv)
-    utils.check(bool(archs and convs and _split(args.amp)),
-                "--arch, --amp and --conv need a value each")
-    amps = list(dict.fromkeys(utils.resolve_amp(a, device) for a in _split(args.amp)))
+    check(bool(archs and convs and _split(args.amp)), "--arch, --amp and --conv need a value each")
+    # The set-up of main.py for every setting asked for; the layout is a flag here.
+    amps = list(dict.fromkeys(set_up(device, amp, conv, keep_freed=not args.default_malloc)[0]
+                              for amp in _split(args.amp) for conv in convs))
     for arch in archs:
         try:
             get_preset(arch)
         except ValueError as err:
             raise UsageError(f"--arch: {err}") from None
-    for conv in convs:
-        utils.check(conv in CONVS, f"--conv {conv!r}: use {' or '.join(CONVS)}")
-        resolved = "" if args.amp == ",".join(amps) else f" ({','.join(amps)} on {device.type})"
-        utils.check(conv == "direct" or amps == ["none"],
-                    f"--conv winograd runs in fp32 only, not under --amp {args.amp}{resolved}; "
-                    "pass --amp none")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    utils.configure_process(device, keep_freed=not args.default_malloc)  # as main.py; the
-    malloc_tuned = device.type == "cpu" and not args.default_malloc     # layout is a flag here
+    malloc_tuned = device.type == "cpu" and not args.default_malloc
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"batch {args.batch_size}, {args.frames_input}->{args.frames_output} frames, "
           f"compile {args.compile}, channels_last {args.channels_last}, "
@@ -343,16 +334,15 @@ def main(argv=None) -> list[dict]:
             for conv in dict.fromkeys(convs):
                 rows.append(run_row(args, arch, amp, conv, device, textbook_cache))
                 rows[-1]["malloc_keeps_freed"] = malloc_tuned
-    print(utils.format_table(rows, COLUMNS))
+    print(format_table(rows, COLUMNS))
     for row in rows:
         if "compile_s" in row:
             print(f"{row['arch']} {row['amp']} {row['conv']}: "
                   f"compiling took about {row['compile_s']:.0f} s")
     if args.json:
-        utils.atomic_write_text(args.json, json.dumps(rows[0] if len(rows) == 1 else {"runs": rows},
-                                                      indent=2) + "\n")
+        write_rows(args.json, rows)
     return rows
 
 
 if __name__ == "__main__":
-    sys.exit(utils.run_cli(main))
+    sys.exit(run_cli(main))

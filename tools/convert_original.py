@@ -36,9 +36,10 @@ import torch
 # The repo root, so that `python tools/convert_original.py` finds model.py from any directory.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from checkpoints import atomic_save  # noqa: E402
 from model import build_model  # noqa: E402
 from net_params import get_preset  # noqa: E402
-from utils import ArgumentParser, UsageError, atomic_save, check, run_cli  # noqa: E402
+from utils import DEFAULT_DATA_ROOT, ArgumentParser, UsageError, check, first_line, run_cli  # noqa: E402
 
 ARCHS = ("convlstm", "convgru")
 PREFIX = "module."  # what nn.DataParallel puts before every key
@@ -142,9 +143,7 @@ def read_original(path: str) -> tuple[dict, object]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many types for foreign files
-        lines = str(err).strip().splitlines()
-        raise UsageError(f"{where}: torch.load failed with {type(err).__name__}"
-                         + (f": {lines[0]}" if lines else "")) from err
+        raise UsageError(f"{where}: torch.load failed with {first_line(err)}") from err
     if isinstance(checkpoint, dict) and "model" in checkpoint and "config" in checkpoint:
         raise UsageError(f"{where}: it is already a checkpoint of this repo (it has 'model' "
                          f"and 'config'); use it as it is")
@@ -235,7 +234,7 @@ def main(argv=None) -> None:
         "frames_input": preset.frames_input,
         "frames_output": preset.frames_output,
         "num_digits": list(args.num_digits),
-        "data_root": "data/mnist",
+        "data_root": DEFAULT_DATA_ROOT,
         "seed": 0,
     }
     atomic_save({"model": converted, "config": config, "epoch": epoch,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, to run as a script
 
-import utils  # noqa: E402
+from checkpoints import load_checkpoint  # noqa: E402
 
 
 def read(path: Path):
@@ -56,7 +56,7 @@ def run_lines(run: Path, title: str) -> list[str]:
     ckpt = run / "checkpoints" / "last.pt"
     if not ckpt.is_file():
         return []
-    state = utils.load_checkpoint(ckpt)
+    state = load_checkpoint(ckpt)
     config = state["config"]
     seqs = state["step"] * config["batch_size"] * config.get("world_size", 1)
     history = state.get("history", [])
