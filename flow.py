@@ -31,7 +31,9 @@ MISSING_OPENCV = ("the optical-flow baseline (--baselines optical-flow) needs Op
                   "pip install opencv-python-headless")
 
 
-def _cv2():
+def require_opencv():
+    """The cv2 module, or UsageError (one line naming the flag and the pip command). Call it
+    while checking flags, so a run without OpenCV stops before any work."""
     try:
         import cv2
     except ImportError:
@@ -51,7 +53,7 @@ def _to_uint8(frames: np.ndarray) -> np.ndarray:
 def motion_field(previous: np.ndarray, last: np.ndarray) -> np.ndarray:
     """Backward flow (H, W, 2) in pixels, (dx, dy), on the last frame's grid: the content at
     (x, y) of `last` was at (x + dx, y + dy) of `previous`. Frames: (C, H, W) float arrays."""
-    cv2 = _cv2()
+    cv2 = require_opencv()
     prev8, last8 = _to_uint8(np.stack([previous, last]))
     dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
     return dis.calc(last8, prev8, None)
@@ -92,7 +94,7 @@ def optical_flow_forecast(inputs, n_frames_output: int, *, outside: str = "zeros
     advected along it. outside: "zeros" or "border", what fills pixels that come from outside
     the frame. Raises UsageError when OpenCV is missing.
     """
-    _cv2()  # fail before any work when OpenCV is missing
+    require_opencv()  # fail before any work when OpenCV is missing
     if outside not in ("zeros", "border"):
         raise ValueError(f'outside must be "zeros" or "border", got {outside!r}')
     as_numpy = not isinstance(inputs, torch.Tensor)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flow import optical_flow_forecast
+from flow import optical_flow_forecast, require_opencv
 from utils import UsageError
 
 SHIFT_X, SHIFT_Y = 2, 1  # pixels per frame: right and down
@@ -114,6 +114,8 @@ def test_missing_opencv_is_one_line(monkeypatch):
     assert "\n" not in message
     assert "--baselines optical-flow" in message
     assert "pip install opencv-python-headless" in message
+    with pytest.raises(UsageError, match="opencv-python-headless"):
+        require_opencv()  # what a CLI calls while checking --baselines
 
 
 @pytest.mark.parametrize("device", [
