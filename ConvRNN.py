@@ -1,4 +1,5 @@
-"""Convolutional recurrent cells and the one loop that runs them over time.
+"""Convolutional recurrent cells, the one loop that runs them over time, and layers over
+sequences shaped like torch.nn.LSTM (ConvLSTM, ConvGRU, TrajGRU). Needs only torch.
 
 Every cell has one interface (state in, state out):
 
@@ -27,12 +28,15 @@ Channels_last frames stay channels_last through `run_cell` (see `unbind_time`).
 
 With few input channels that batched convolution is a poor fit for oneDNN on the CPU, so
 `run_cell(..., fused=True)` can instead convolve cat(x, h) once per step, the textbook
-form, with the same parameters (``cell.fused_stepper``).
+form, with the same parameters (``cell.fused_stepper``). The layers pick per layer
+(``input_conv``); docs/api.md describes them.
 """
 
 from __future__ import annotations
 
 import operator
+import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -577,3 +581,271 @@ def make_cell(name: str, input_channels: int, hidden_channels: int, kernel_size:
         raise ValueError(f"unknown cell {name!r}; known cells: {', '.join(sorted(CELLS))}")
     return CELLS[name](input_channels, hidden_channels, kernel_size, **options)
 
+
+# -----------------------------------------------------------------------------
+# Layers over sequences, shaped like torch.nn.LSTM
+
+INPUT_CONVS = ("auto", "batched", "fused")
+# With input_conv="auto", a layer whose cells take at most this many input channels runs
+# the fused step (one convolution over cat(x, h) a frame); wider inputs run the input
+# convolution batched over all T frames. With few input channels the batched convolution
+# is a poor fit for oneDNN on the CPU (issue 18). Provisional until tools/bench_layers.py
+# has measured the crossover: its table prints both strategies per shape.
+FUSE_MAX_INPUT_CHANNELS = 4
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def cat_channels(sequences: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate (B, T, C_k, H, W) sequences along C, channels_last frames staying so."""
+    if _channels_last(sequences[0][:, 0]):
+        x = torch.cat([s.permute(0, 1, 3, 4, 2) for s in sequences], dim=-1)  # (B, T, H, W, C)
+        return x.permute(0, 1, 4, 2, 3)                                      # (B, T, C, H, W)
+    return torch.cat(sequences, dim=2)
+
+
+class ConvRNNLayer(nn.Module):
+    """Stacked, optionally bidirectional cells over a sequence, shaped like torch.nn.LSTM.
+
+    ``ConvLSTM``, ``ConvGRU`` and ``TrajGRU`` are this with their cell; docs/api.md maps
+    the arguments to torch.nn.LSTM, Keras' ConvLSTM2D and ndrplz/ConvLSTM_pytorch.
+
+    Arguments:
+        in_channels: channels of each input frame.
+        hidden_channels: one int for every layer, or a list/tuple with one per layer.
+        kernel_size: an odd int or an odd (kh, kw) tuple for every layer, or a list with one
+            per layer ('same' padding, so H and W are kept; any H and W).
+        num_layers: cells stacked; layer l > 0 reads layer l-1's output sequence.
+        batch_first: x is (B, T, C, H, W) if True (the default, as the model here), else
+            (T, B, C, H, W); output follows x.
+        bidirectional: a second cell per layer runs from the last frame to the first; the
+            layer's output concatenates both directions' hidden channels, forward first.
+        dropout: dropout on each layer's output sequence except the last layer's, in
+            training mode only, as torch.nn.LSTM.
+        input_conv: "batched" runs each cell's input convolution once over all T frames
+            (`run_cell`), "fused" convolves cat(x, h) inside each step with the weights
+            concatenated, "auto" (the default) picks per layer by input width
+            (``FUSE_MAX_INPUT_CHANNELS``). The parameters and the function are the same.
+        **cell_options: the cell's own options (peephole, norm, links, ...).
+
+    ``output, state = layer(x, state=None)``:
+        output: (B, T, num_directions * C_hid, H, W), the last layer's hidden sequence
+            (C_hid is the last layer's width); (T, B, ...) with batch_first=False.
+        state: a list of num_layers * num_directions cell states, layer by layer and,
+            inside a layer, forward before backward, as torch.nn.LSTM orders h_n: entry
+            ``layer * num_directions + direction`` is the state of
+            ``cells[layer * num_directions + direction]`` after its last step (for the
+            backward direction, after frame 0). A cell state is the cell's own: (h, c)
+            for ConvLSTM, h for ConvGRU and TrajGRU, each (B, C_hid of that layer, H, W).
+            It is a list, not one tensor, because widths may differ per layer. Passing it
+            back as ``state`` continues the sequence (the forward direction: a backward
+            direction would need the later frames first); None, or None entries, are zeros.
+
+    The cells are registered in that same order in ``cells``, each with its own parameters.
+    """
+
+    cell_class: type[ConvRNNCell] = ConvRNNCell
+    state_tensors = 1  # tensors in one cell's state
+
+    def __init__(self, in_channels: int, hidden_channels: int | Sequence[int],
+                 kernel_size: Kernel | list[Kernel], num_layers: int = 1, *,
+                 batch_first: bool = True, bidirectional: bool = False, dropout: float = 0.0,
+                 input_conv: str = "auto", **cell_options):
+        super().__init__()
+        name = type(self).__name__
+        if not _is_int(num_layers) or num_layers < 1:
+            raise ValueError(f"{name}: num_layers must be an int >= 1, got {num_layers!r}")
+        if not _is_int(in_channels) or in_channels < 1:
+            raise ValueError(f"{name}: in_channels must be an int >= 1, got {in_channels!r}")
+        if _is_int(hidden_channels):
+            hidden = [hidden_channels] * num_layers
+        elif isinstance(hidden_channels, Sequence) and len(hidden_channels) == num_layers:
+            hidden = list(hidden_channels)
+        else:
+            raise ValueError(f"{name}: hidden_channels takes one int or one per layer "
+                             f"(num_layers={num_layers}), got {hidden_channels!r}")
+        if not all(_is_int(c) and c >= 1 for c in hidden):
+            raise ValueError(f"{name}: hidden_channels must be ints >= 1, got {hidden_channels!r}")
+        if isinstance(kernel_size, list):
+            if len(kernel_size) != num_layers:
+                raise ValueError(
+                    f"{name}: kernel_size as a list gives one kernel per layer "
+                    f"(num_layers={num_layers}), got {len(kernel_size)}: {kernel_size!r}; "
+                    "a (kh, kw) kernel for every layer is a tuple")
+            kernels = list(kernel_size)
+        else:
+            kernels = [kernel_size] * num_layers
+        for k in kernels:
+            try:
+                kernel_pair(k)
+            except ValueError:
+                raise ValueError(
+                    f"{name}: kernel_size takes an odd int or an odd (kh, kw) tuple for every "
+                    f"layer, or a list with one per layer, got {kernel_size!r}") from None
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+                or not 0 <= dropout <= 1:
+            raise ValueError(f"{name}: dropout must be a probability in [0, 1], got {dropout!r}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(f"{name}: dropout={dropout} acts between layers only, so with "
+                          "num_layers=1 it does nothing", stacklevel=2)
+        if input_conv not in INPUT_CONVS:
+            raise ValueError(f"{name}: input_conv must be one of {', '.join(INPUT_CONVS)}, "
+                             f"got {input_conv!r}")
+        self.in_channels = in_channels
+        self.hidden_channels = tuple(hidden)  # per layer
+        self.kernel_size = tuple(k if _is_int(k) else tuple(k) for k in kernels)  # per layer
+        self.num_layers = num_layers
+        self.batch_first = bool(batch_first)
+        self.bidirectional = bool(bidirectional)
+        self.num_directions = 2 if bidirectional else 1
+        self.dropout = float(dropout)
+        self.input_conv = input_conv
+        self.cells = nn.ModuleList(
+            self.cell_class(in_channels if layer == 0 else hidden[layer - 1] * self.num_directions,
+                            hidden[layer], kernels[layer], **cell_options)
+            for layer in range(num_layers) for _ in range(self.num_directions)
+        )
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of ``output``: num_directions times the last layer's hidden channels."""
+        return self.num_directions * self.hidden_channels[-1]
+
+    def fused(self, layer: int) -> bool:
+        """Does ``layer`` run the fused step (True) or the batched input convolution?"""
+        if self.input_conv == "auto":
+            return self.cells[layer * self.num_directions].input_channels \
+                <= FUSE_MAX_INPUT_CHANNELS
+        return self.input_conv == "fused"
+
+    def forward(self, x: torch.Tensor, state: list | None = None):
+        x = self._batch_major(x)                                          # (B, T, C_in, H, W)
+        states = self._check_state(state, x)
+        last = []
+        for layer in range(self.num_layers):
+            if layer > 0 and self.dropout > 0 and self.training:
+                x = F.dropout(x, self.dropout, training=True)
+            fused = self.fused(layer)
+            outputs = []
+            for direction in range(self.num_directions):
+                k = layer * self.num_directions + direction
+                out, s = run_cell(self.cells[k], x, states[k], reverse=direction == 1,
+                                  fused=fused)                            # (B, T, C_hid, H, W)
+                outputs.append(out)
+                last.append(s)
+            x = outputs[0] if len(outputs) == 1 else cat_channels(outputs)  # (B, T, D*C_hid, H, W)
+        return (x if self.batch_first else x.transpose(0, 1)), last
+
+    def _batch_major(self, x) -> torch.Tensor:
+        name = type(self).__name__
+        layout = "(B, T, C, H, W)" if self.batch_first else "(T, B, C, H, W)"
+        if not isinstance(x, torch.Tensor) or x.dim() != 5:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} expects x of shape {layout} "
+                             f"(batch_first={self.batch_first}), got {got}")
+        if x.shape[2] != self.in_channels:
+            raise ValueError(f"{name} expects {self.in_channels} input channels, x {layout} "
+                             f"has {x.shape[2]}: got shape {tuple(x.shape)}")
+        if 0 in x.shape:
+            raise ValueError(f"{name} needs a non-empty x {layout}, got {tuple(x.shape)}")
+        return x if self.batch_first else x.transpose(0, 1)                  # (B, T, C, H, W)
+
+    def _check_state(self, state, x: torch.Tensor) -> list:
+        name, n = type(self).__name__, len(self.cells)
+        if state is None:
+            return [None] * n
+        if not isinstance(state, (list, tuple)) or len(state) != n:
+            got = f"{len(state)} entries" if isinstance(state, (list, tuple)) else \
+                type(state).__name__
+            raise ValueError(f"{name}: state takes None or the list of {n} cell states it "
+                             f"returned (num_layers x num_directions), got {got}")
+        B, (H, W) = x.shape[0], x.shape[-2:]
+        form = "a (h, c) pair" if self.state_tensors == 2 else "a tensor h"
+        for k, s in enumerate(state):
+            if s is None:
+                continue
+            layer, direction = divmod(k, self.num_directions)
+            want = (B, self.hidden_channels[layer], H, W)
+            parts = tuple(s) if isinstance(s, (list, tuple)) else (s,)
+            if (isinstance(s, torch.Tensor) != (self.state_tensors == 1)
+                    or len(parts) != self.state_tensors
+                    or any(not isinstance(p, torch.Tensor) or tuple(p.shape) != want
+                           for p in parts)):
+                got = [tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+                       for p in parts]
+                raise ValueError(
+                    f"{name}: state[{k}] (layer {layer}, "
+                    f"{'backward' if direction else 'forward'}) should be {form}, each "
+                    f"{want} for this x, got {got if len(got) > 1 else got[0]}")
+        return list(state)
+
+    def extra_repr(self) -> str:
+        hidden = self.hidden_channels
+        kernels = self.kernel_size
+        return (f"{self.in_channels}, {hidden[0] if len(set(hidden)) == 1 else list(hidden)}, "
+                f"kernel_size={kernels[0] if len(set(kernels)) == 1 else list(kernels)}, "
+                f"num_layers={self.num_layers}, batch_first={self.batch_first}, "
+                f"bidirectional={self.bidirectional}, dropout={self.dropout}, "
+                f"input_conv={self.input_conv!r}")
+
+
+class ConvLSTM(ConvRNNLayer):
+    """ConvLSTM layers (`ConvLSTMCell`, Shi et al. 2015) over a sequence, like torch.nn.LSTM.
+
+    x (B, T, C_in, H, W) -> output (B, T, D*C_hid, H, W), state: a list of (h, c), one per
+    layer and direction (see `ConvRNNLayer` for every argument). ``peephole`` and ``norm``
+    are the cell's.
+    """
+
+    cell_class = ConvLSTMCell
+    state_tensors = 2
+
+    def __init__(self, in_channels: int, hidden_channels: int | Sequence[int],
+                 kernel_size: Kernel | list[Kernel], num_layers: int = 1, *,
+                 batch_first: bool = True, bidirectional: bool = False, dropout: float = 0.0,
+                 input_conv: str = "auto", peephole: bool = False, norm: str | None = None):
+        super().__init__(in_channels, hidden_channels, kernel_size, num_layers,
+                         batch_first=batch_first, bidirectional=bidirectional, dropout=dropout,
+                         input_conv=input_conv, peephole=peephole, norm=norm)
+
+
+class ConvGRU(ConvRNNLayer):
+    """ConvGRU layers (`ConvGRUCell`) over a sequence, like torch.nn.GRU.
+
+    x (B, T, C_in, H, W) -> output (B, T, D*C_hid, H, W), state: a list of h, one per layer
+    and direction (see `ConvRNNLayer` for every argument). ``norm`` is the cell's.
+    """
+
+    cell_class = ConvGRUCell
+
+    def __init__(self, in_channels: int, hidden_channels: int | Sequence[int],
+                 kernel_size: Kernel | list[Kernel], num_layers: int = 1, *,
+                 batch_first: bool = True, bidirectional: bool = False, dropout: float = 0.0,
+                 input_conv: str = "auto", norm: str | None = None):
+        super().__init__(in_channels, hidden_channels, kernel_size, num_layers,
+                         batch_first=batch_first, bidirectional=bidirectional, dropout=dropout,
+                         input_conv=input_conv, norm=norm)
+
+
+class TrajGRU(ConvRNNLayer):
+    """TrajGRU layers (`TrajGRUCell`, Shi et al. 2017) over a sequence, like torch.nn.GRU.
+
+    x (B, T, C_in, H, W) -> output (B, T, D*C_hid, H, W), state: a list of h, one per layer
+    and direction (see `ConvRNNLayer` for every argument). ``kernel_size`` is the flow
+    generator's (5 in the paper); ``links``, ``norm``, ``flow_channels`` and
+    ``input_kernel_size`` (the 3x3 input-to-state convolution) are the cell's.
+    """
+
+    cell_class = TrajGRUCell
+
+    def __init__(self, in_channels: int, hidden_channels: int | Sequence[int],
+                 kernel_size: Kernel | list[Kernel], num_layers: int = 1, *,
+                 batch_first: bool = True, bidirectional: bool = False, dropout: float = 0.0,
+                 input_conv: str = "auto", links: int = 13, norm: str | None = None,
+                 flow_channels: int = 32, input_kernel_size: Kernel = 3):
+        super().__init__(in_channels, hidden_channels, kernel_size, num_layers,
+                         batch_first=batch_first, bidirectional=bidirectional, dropout=dropout,
+                         input_conv=input_conv, links=links, norm=norm,
+                         flow_channels=flow_channels, input_kernel_size=input_kernel_size)
