@@ -385,7 +385,8 @@ def test_onnx_export_runs_in_onnxruntime(kind, tmp_path):
 def readme_snippet() -> str:
     text = (REPO / "README.md").read_text()
     section = text.split("## Use the layers in your own model", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    # ```py, not ```python: test_model.py runs the README's first ```python block (a preset)
+    blocks = re.findall(r"```py\n(.*?)```", section, flags=re.S)
     assert len(blocks) == 1, "the section should hold one python snippet"
     return blocks[0]
 
