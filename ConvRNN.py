@@ -463,7 +463,6 @@ class TrajGRUCell(ConvRNNCell):
         w_flow = torch.cat([self.flow_input_conv.weight, self.flow_hidden_conv.weight], dim=1)
 
         def step(x, state):
-            self.check_input(x)
             if state is None:
                 return self._update(self.input_conv(x), self.hidden_conv.bias.view(1, -1, 1, 1),
                                     None)
