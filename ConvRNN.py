@@ -116,7 +116,8 @@ class ConvRNNCell(nn.Module):
             )
         self.input_channels = input_channels
         self.hidden_channels = hidden_channels
-        self.kernel_size = kernel_size if isinstance(kernel_size, int) else tuple(kernel_size)
+        self.kernel_size = (tuple(kernel_size) if isinstance(kernel_size, (tuple, list))
+                            else kernel_size)
         # No bias here: the state convolution owns the one bias of cat(x, h) * W + b.
         self.input_conv = (
             conv2d(input_channels, projection_channels, input_kernel_size, bias=False)
