@@ -1,4 +1,5 @@
-"""Convolutional recurrent cells and the one loop that runs them over time.
+"""Convolutional recurrent cells, the one loop that runs them over time, and layers over
+sequences shaped like torch.nn.LSTM (ConvLSTM, ConvGRU, TrajGRU). Needs only torch.
 
 Every cell has one interface (state in, state out):
 
@@ -10,7 +11,7 @@ Every cell has one interface (state in, state out):
 * ``state`` is ``None`` for zeros, or what the cell returned before. A zero state is
   never materialised: a convolution of zeros is just its bias, so it is skipped too.
   The result equals an explicit zero state exactly, on the weights' device and dtype.
-* Kernels are odd with 'same' padding, so a cell keeps H and W.
+* Kernels are odd, an int or a (kh, kw) pair, with 'same' padding: a cell keeps H and W.
 
 Splitting the textbook convolution of cat(x, h) into an input part and a state part lets
 `run_cell` compute the input part for all T steps in ONE batched convolution
@@ -24,9 +25,18 @@ low precision from the first step on. What accumulates over time (the LSTM's mem
 the GRU's H) stays in the weights' dtype (fp32); the LSTM's H, which only convolutions
 read, comes out in their dtype. So a state has the same dtypes at every step.
 Channels_last frames stay channels_last through `run_cell` (see `unbind_time`).
+
+With few input channels that batched convolution is a poor fit for oneDNN on the CPU, so
+`run_cell(..., fused=True)` can instead convolve cat(x, h) once per step, the textbook
+form, with the same parameters (``cell.fused_stepper``). The layers pick per layer
+(``input_conv``); docs/api.md describes them.
 """
 
 from __future__ import annotations
+
+import operator
+import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -48,7 +58,9 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels)
 
 
-def _norm(norm: str | None, channels: int) -> nn.Module:
+def norm_layer(norm: str | None, channels: int) -> nn.Module:
+    """The normalisation a cell applies to ``channels`` pre-activations: None (or "none") is
+    the identity, "group" is `group_norm`."""
     if norm in (None, "none"):
         return nn.Identity()
     if norm == "group":
@@ -56,16 +68,31 @@ def _norm(norm: str | None, channels: int) -> nn.Module:
     raise ValueError(f"unknown norm {norm!r}; use 'group' or None")
 
 
-def conv2d(in_channels: int, out_channels: int, kernel_size: int, bias: bool = True) -> nn.Conv2d:
-    """A stride-1 convolution with 'same' padding (odd kernels), as every cell uses."""
-    return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+Kernel = int | tuple[int, int]
 
 
-def _check_kernel(kernel_size: int) -> None:
-    if kernel_size < 1 or kernel_size % 2 == 0:
+def kernel_pair(kernel_size: Kernel) -> tuple[int, int]:
+    """An odd int k or an odd (kh, kw) pair -> (kh, kw); 'same' padding needs odd sizes."""
+    try:
+        pair = (operator.index(kernel_size),) * 2
+    except TypeError:
+        try:
+            pair = tuple(operator.index(k) for k in kernel_size)
+        except TypeError:
+            pair = ()
+    if len(pair) != 2 or min(pair) < 1 or pair[0] % 2 == 0 or pair[1] % 2 == 0:
         raise ValueError(
-            f"cell kernel_size must be odd for 'same' padding, got {kernel_size}; use 3 or 5"
+            f"cell kernel_size must be odd for 'same' padding, got {kernel_size!r}; "
+            "use 3 or 5, or an odd (kh, kw) pair such as (3, 5)"
         )
+    return pair
+
+
+def conv2d(in_channels: int, out_channels: int, kernel_size: Kernel,
+           bias: bool = True) -> nn.Conv2d:
+    """A stride-1 convolution with 'same' padding (odd kernels), as every cell uses."""
+    kh, kw = kernel_pair(kernel_size)
+    return nn.Conv2d(in_channels, out_channels, (kh, kw), padding=(kh // 2, kw // 2), bias=bias)
 
 
 class ConvRNNCell(nn.Module):
@@ -73,14 +100,15 @@ class ConvRNNCell(nn.Module):
 
     Subclasses set ``input_conv`` output channels via ``projection_channels`` and
     implement ``step(x_proj, state)``, where ``x_proj`` is ``project_input(x)`` or None.
+    A kernel is an odd int or an odd (kh, kw) pair; ``kernel_size`` keeps what was given.
     """
 
-    def __init__(self, input_channels: int, hidden_channels: int, kernel_size: int,
-                 projection_channels: int, *, input_kernel_size: int | None = None):
+    def __init__(self, input_channels: int, hidden_channels: int, kernel_size: Kernel,
+                 projection_channels: int, *, input_kernel_size: Kernel | None = None):
         super().__init__()
-        _check_kernel(kernel_size)
+        kernel_pair(kernel_size)
         input_kernel_size = kernel_size if input_kernel_size is None else input_kernel_size
-        _check_kernel(input_kernel_size)
+        kernel_pair(input_kernel_size)
         if input_channels < 0 or hidden_channels < 1:
             raise ValueError(
                 f"need input_channels >= 0 and hidden_channels >= 1, "
@@ -88,15 +116,16 @@ class ConvRNNCell(nn.Module):
             )
         self.input_channels = input_channels
         self.hidden_channels = hidden_channels
-        self.kernel_size = kernel_size
+        self.kernel_size = (tuple(kernel_size) if isinstance(kernel_size, (tuple, list))
+                            else kernel_size)
         # No bias here: the state convolution owns the one bias of cat(x, h) * W + b.
         self.input_conv = (
             conv2d(input_channels, projection_channels, input_kernel_size, bias=False)
             if input_channels > 0 else None
         )
 
-    def project_input(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C_in, H, W) -> (N, projection_channels, H, W); N may be B*T."""
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a clear ValueError unless x is (N, C_in, H, W) for a cell that takes input."""
         if self.input_conv is None:
             raise ValueError(
                 f"{type(self).__name__} was built with input_channels=0 and takes no input; "
@@ -107,6 +136,10 @@ class ConvRNNCell(nn.Module):
                 f"{type(self).__name__} expects input (N, {self.input_channels}, H, W), "
                 f"got {tuple(x.shape)}"
             )
+
+    def project_input(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C_in, H, W) -> (N, projection_channels, H, W); N may be B*T."""
+        self.check_input(x)
         return self.input_conv(x)
 
     def forward(self, x: torch.Tensor | None, state: State | None = None):
@@ -115,6 +148,21 @@ class ConvRNNCell(nn.Module):
 
     def step(self, x_proj: torch.Tensor | None, state: State | None):
         raise NotImplementedError
+
+    def fused_stepper(self):
+        """A step ``(x, state) -> (output, state)`` that convolves the frame x (B, C_in, H, W)
+        inside the step instead of taking a projection computed beforehand.
+
+        Where a cell's equations allow, its override runs ONE convolution over cat(x, h)
+        with the input and state weights concatenated (same parameters, same math; the
+        textbook form), which suits small C_in better than a batched input convolution.
+        The concatenated weights are made once here, so build one stepper per sequence.
+        The zero first state still skips the state convolution. This default just
+        projects x per step.
+        """
+        def step(x, state):
+            return self.step(self.project_input(x), state)
+        return step
 
     @staticmethod
     def _need_shape(x_proj, state) -> None:
@@ -125,6 +173,12 @@ class ConvRNNCell(nn.Module):
     def extra_repr(self) -> str:
         return (f"input_channels={self.input_channels}, "
                 f"hidden_channels={self.hidden_channels}, kernel_size={self.kernel_size}")
+
+
+def _conv_cat(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+              conv: nn.Conv2d) -> torch.Tensor:
+    """cat(x, h) * weight + conv.bias with conv's padding: the fused step's one convolution."""
+    return F.conv2d(torch.cat([x, h], dim=1), weight, conv.bias, padding=conv.padding)
 
 
 class ConvLSTMCell(ConvRNNCell):
@@ -147,25 +201,40 @@ class ConvLSTMCell(ConvRNNCell):
     pre-activations together, as the original repo does (before the peephole terms).
     """
 
-    def __init__(self, input_channels: int, hidden_channels: int, kernel_size: int, *,
+    def __init__(self, input_channels: int, hidden_channels: int, kernel_size: Kernel, *,
                  peephole: bool = False, norm: str | None = None):
         super().__init__(input_channels, hidden_channels, kernel_size, 4 * hidden_channels)
         self.hidden_conv = conv2d(hidden_channels, 4 * hidden_channels, kernel_size)
-        self.norm = _norm(norm, 4 * hidden_channels)
+        self.norm = norm_layer(norm, 4 * hidden_channels)
         self.peephole = (nn.Parameter(torch.zeros(3, hidden_channels, 1, 1))
                          if peephole else None)
 
     def step(self, x_proj, state):
         self._need_shape(x_proj, state)
         if state is None:  # H = C = 0: W_h*H is just the bias and C_{t-1} drops out
-            h_prev = c_prev = None
             # in the conv's dtype, as every later step's gates (bf16 under autocast)
             gates = x_proj + self.hidden_conv.bias.view(1, -1, 1, 1).to(x_proj.dtype)
-        else:
+            return self._update(gates, None)
+        h_prev, c_prev = state
+        gates = self.hidden_conv(h_prev)
+        if x_proj is not None:
+            gates = gates + x_proj
+        return self._update(gates, c_prev)
+
+    def fused_stepper(self):
+        if self.input_conv is None:
+            return super().fused_stepper()
+        weight = torch.cat([self.input_conv.weight, self.hidden_conv.weight], dim=1)
+
+        def step(x, state):
+            if state is None:
+                return self.step(self.project_input(x), None)
             h_prev, c_prev = state
-            gates = self.hidden_conv(h_prev)
-            if x_proj is not None:
-                gates = gates + x_proj
+            return self._update(_conv_cat(x, h_prev, weight, self.hidden_conv), c_prev)
+        return step
+
+    def _update(self, gates, c_prev):
+        """Eq. 3 from the summed pre-activations (B, 4*C_hid, H, W) on; c_prev None is zero."""
         i, f, g, o = self.norm(gates).chunk(4, dim=1)  # each (B, C_hid, H, W)
         if self.peephole is not None and c_prev is not None:
             i = i + self.peephole[0] * c_prev
@@ -198,14 +267,14 @@ class ConvGRUCell(ConvRNNCell):
     pre-activation, as the original repo does.
     """
 
-    def __init__(self, input_channels: int, hidden_channels: int, kernel_size: int, *,
+    def __init__(self, input_channels: int, hidden_channels: int, kernel_size: Kernel, *,
                  norm: str | None = None):
         # The input projection holds (z, r | n): 3 * C_hid channels in one convolution.
         super().__init__(input_channels, hidden_channels, kernel_size, 3 * hidden_channels)
         self.gate_conv = conv2d(hidden_channels, 2 * hidden_channels, kernel_size)
         self.candidate_conv = conv2d(hidden_channels, hidden_channels, kernel_size)
-        self.gate_norm = _norm(norm, 2 * hidden_channels)
-        self.candidate_norm = _norm(norm, hidden_channels)
+        self.gate_norm = norm_layer(norm, 2 * hidden_channels)
+        self.candidate_norm = norm_layer(norm, hidden_channels)
 
     def step(self, x_proj, state):
         self._need_shape(x_proj, state)
@@ -216,16 +285,36 @@ class ConvGRUCell(ConvRNNCell):
         if state is None:  # H = 0: both state convolutions reduce to their biases
             # in the conv's dtype, as every later step's pre-activations (bf16 under autocast)
             gates = x_gates + self.gate_conv.bias.view(1, -1, 1, 1).to(x_gates.dtype)
+            z, _ = torch.sigmoid(self.gate_norm(gates)).chunk(2, dim=1)  # r multiplies H = 0
             cand = x_cand + self.candidate_conv.bias.view(1, -1, 1, 1).to(x_cand.dtype)
-        else:
-            gates = self.gate_conv(state)
-            if x_gates is not None:
-                gates = gates + x_gates
+            return self._update(z, cand, None)
+        gates = self.gate_conv(state)
+        if x_gates is not None:
+            gates = gates + x_gates
         z, r = torch.sigmoid(self.gate_norm(gates)).chunk(2, dim=1)  # each (B, C_hid, H, W)
-        if state is not None:
-            cand = self.candidate_conv(r * state)
-            if x_cand is not None:
-                cand = cand + x_cand
+        cand = self.candidate_conv(r * state)
+        if x_cand is not None:
+            cand = cand + x_cand
+        return self._update(z, cand, state)
+
+    def fused_stepper(self):
+        if self.input_conv is None:
+            return super().fused_stepper()
+        C = self.hidden_channels
+        w_x = self.input_conv.weight
+        w_gate = torch.cat([w_x[:2 * C], self.gate_conv.weight], dim=1)
+        w_cand = torch.cat([w_x[2 * C:], self.candidate_conv.weight], dim=1)
+
+        def step(x, state):
+            if state is None:
+                return self.step(self.project_input(x), None)
+            gates = _conv_cat(x, state, w_gate, self.gate_conv)
+            z, r = torch.sigmoid(self.gate_norm(gates)).chunk(2, dim=1)
+            return self._update(z, _conv_cat(x, r * state, w_cand, self.candidate_conv), state)
+        return step
+
+    def _update(self, z, cand, state):
+        """H_t from z and the candidate's pre-activation; state None is H = 0."""
         n = torch.tanh(self.candidate_norm(cand))
         if state is None:  # H accumulates over time: keep it in the weights' dtype
             h = ((1 - z) * n).to(self.gate_conv.weight.dtype)
@@ -279,9 +368,9 @@ class TrajGRUCell(ConvRNNCell):
     "group" applies GroupNorm to the (r, z) pre-activations and to the candidate's.
     """
 
-    def __init__(self, input_channels: int, hidden_channels: int, kernel_size: int, *,
+    def __init__(self, input_channels: int, hidden_channels: int, kernel_size: Kernel, *,
                  links: int = 13, norm: str | None = None, flow_channels: int = 32,
-                 input_kernel_size: int = 3):
+                 input_kernel_size: Kernel = 3):
         if links < 1 or flow_channels < 1:
             raise ValueError(f"TrajGRU needs links >= 1 and flow_channels >= 1, "
                              f"got links={links} and flow_channels={flow_channels}")
@@ -300,8 +389,8 @@ class TrajGRUCell(ConvRNNCell):
         self.hidden_conv = nn.Conv2d(links * hidden_channels, 3 * hidden_channels, 1)
         self.candidate_input_bias = (nn.Parameter(torch.zeros(hidden_channels))
                                      if input_channels > 0 else None)
-        self.gate_norm = _norm(norm, 2 * hidden_channels)
-        self.candidate_norm = _norm(norm, hidden_channels)
+        self.gate_norm = norm_layer(norm, 2 * hidden_channels)
+        self.candidate_norm = norm_layer(norm, hidden_channels)
         self._grid_cache: tuple | None = None  # (key, base grid, scale); not a buffer
 
     def project_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -316,6 +405,10 @@ class TrajGRUCell(ConvRNNCell):
         f = self.flow_hidden_conv(h)
         if x_flow is not None:
             f = f + x_flow
+        return self._flows_from(f)
+
+    def _flows_from(self, f: torch.Tensor) -> torch.Tensor:
+        """The flow generator after its first layer's summed pre-activation f (B, 32, H, W)."""
         return self.flow_out_conv(F.leaky_relu(f, 0.2))
 
     def _base_grid(self, H: int, W: int, device, dtype):
@@ -361,6 +454,27 @@ class TrajGRUCell(ConvRNNCell):
             h2h = self.hidden_conv.bias.view(1, -1, 1, 1)
         else:
             h2h = self.hidden_conv(self.warp(state, self.flows(x_flow, state)))  # (B, 3C, H, W)
+        return self._update(i2h, h2h, state)
+
+    def fused_stepper(self):
+        """The flow generator's first layer runs as one convolution over cat(x, H); i2h
+        (3x3 on x) and h2h (1x1 on the warped H) read different maps and stay apart."""
+        if self.input_conv is None:
+            return super().fused_stepper()
+        w_flow = torch.cat([self.flow_input_conv.weight, self.flow_hidden_conv.weight], dim=1)
+
+        def step(x, state):
+            if state is None:
+                return self._update(self.input_conv(x), self.hidden_conv.bias.view(1, -1, 1, 1),
+                                    None)
+            flows = self._flows_from(_conv_cat(x, state, w_flow, self.flow_hidden_conv))
+            h2h = self.hidden_conv(self.warp(state, flows))  # (B, 3C, H, W)
+            return self._update(self.input_conv(x), h2h, state)
+        return step
+
+    def _update(self, i2h, h2h, state):
+        """H_t from i2h (B, 3C, H, W) or None and h2h (3C channels); state None is H = 0."""
+        C = self.hidden_channels
         gates = h2h[:, :2 * C] if i2h is None else i2h[:, :2 * C] + h2h[:, :2 * C]
         r, z = torch.sigmoid(self.gate_norm(gates)).chunk(2, dim=1)  # each (B, C_hid, H, W)
         cand = r * h2h[:, 2 * C:]
@@ -422,7 +536,8 @@ def stack_time(frames: list[torch.Tensor]) -> torch.Tensor:
 
 
 def run_cell(cell: ConvRNNCell, inputs: torch.Tensor | None = None,
-             state: State | None = None, steps: int | None = None):
+             state: State | None = None, steps: int | None = None, *,
+             reverse: bool = False, fused: bool = False):
     """Run ``cell`` over time. Batch-major, like the model: time is dim 1.
 
     inputs: (B, T, C_in, H, W), or None for T = ``steps`` steps without input.
@@ -430,30 +545,307 @@ def run_cell(cell: ConvRNNCell, inputs: torch.Tensor | None = None,
     Returns (outputs (B, T, C_hid, H, W), last state).
 
     The input-to-state convolution of all T steps runs as ONE convolution over the B*T
-    frames; only the state-to-state part stays inside the loop.
+    frames; only the state-to-state part stays inside the loop. ``fused=True`` instead
+    convolves each frame inside its step, together with the state where the cell can
+    (``cell.fused_stepper``): the same function, for shapes where that is faster.
+    ``reverse=True`` runs from the last frame to the first (a bidirectional layer's
+    backward direction); outputs stay in input order, the state is the one after frame 0.
     """
     if inputs is None:
         if steps is None or steps < 1:
             raise ValueError(f"run_cell without inputs needs steps >= 1, got {steps}")
-        projections = [None] * steps
+        items, step = [None] * steps, cell.step
     else:
         if inputs.dim() != 5:
             raise ValueError(f"run_cell expects inputs (B, T, C, H, W), got {tuple(inputs.shape)}")
         B, T = inputs.shape[:2]
         if steps is not None and steps != T:
             raise ValueError(f"steps={steps} but inputs hold T={T} frames")
-        projected = cell.project_input(inputs.flatten(0, 1))  # (B*T, G, H, W)
-        projections = unbind_time(projected.unflatten(0, (B, T)))  # T x (B, G, H, W)
-    outputs = []
-    for x_proj in projections:
-        out, state = cell.step(x_proj, state)
-        outputs.append(out)
+        if fused:
+            cell.check_input(inputs[:, 0])
+            items, step = unbind_time(inputs), cell.fused_stepper()  # T x (B, C_in, H, W)
+        else:
+            projected = cell.project_input(inputs.flatten(0, 1))  # (B*T, G, H, W)
+            items, step = unbind_time(projected.unflatten(0, (B, T))), cell.step  # T x (B, G, H, W)
+    order = range(len(items) - 1, -1, -1) if reverse else range(len(items))
+    outputs = [None] * len(items)
+    for t in order:
+        outputs[t], state = step(items[t], state)
     return stack_time(outputs), state  # (B, T, C_hid, H, W)
 
 
-def make_cell(name: str, input_channels: int, hidden_channels: int, kernel_size: int,
+def make_cell(name: str, input_channels: int, hidden_channels: int, kernel_size: Kernel,
               **options) -> ConvRNNCell:
     """Build a cell by its preset name ('convlstm', 'convgru', ...)."""
     if name not in CELLS:
         raise ValueError(f"unknown cell {name!r}; known cells: {', '.join(sorted(CELLS))}")
     return CELLS[name](input_channels, hidden_channels, kernel_size, **options)
+
+
+# -----------------------------------------------------------------------------
+# Layers over sequences, shaped like torch.nn.LSTM
+
+INPUT_CONVS = ("auto", "batched", "fused")
+# With input_conv="auto", a layer whose cells take at most this many input channels runs
+# the fused step (one convolution over cat(x, h) a frame); wider inputs run the input
+# convolution batched over all T frames. With few input channels the batched convolution
+# is a poor fit for oneDNN on the CPU (issue 18). Provisional until tools/bench_layers.py
+# has measured the crossover: its table prints both strategies per shape.
+FUSE_MAX_INPUT_CHANNELS = 4
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def cat_channels(sequences: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate (B, T, C_k, H, W) sequences along C, channels_last frames staying so."""
+    if _channels_last(sequences[0][:, 0]):
+        x = torch.cat([s.permute(0, 1, 3, 4, 2) for s in sequences], dim=-1)  # (B, T, H, W, C)
+        return x.permute(0, 1, 4, 2, 3)                                      # (B, T, C, H, W)
+    return torch.cat(sequences, dim=2)
+
+
+class ConvRNNLayer(nn.Module):
+    """Stacked, optionally bidirectional cells over a sequence, shaped like torch.nn.LSTM.
+
+    ``ConvLSTM``, ``ConvGRU`` and ``TrajGRU`` are this with their cell; docs/api.md maps
+    the arguments to torch.nn.LSTM, Keras' ConvLSTM2D and ndrplz/ConvLSTM_pytorch.
+
+    Arguments:
+        in_channels: channels of each input frame.
+        hidden_channels: one int for every layer, or a list/tuple with one per layer.
+        kernel_size: an odd int or an odd (kh, kw) tuple for every layer, or a list with one
+            per layer ('same' padding, so H and W are kept; any H and W).
+        num_layers: cells stacked; layer l > 0 reads layer l-1's output sequence.
+        batch_first: x is (B, T, C, H, W) if True (the default, as the model here), else
+            (T, B, C, H, W); output follows x.
+        bidirectional: a second cell per layer runs from the last frame to the first; the
+            layer's output concatenates both directions' hidden channels, forward first.
+        dropout: dropout on each layer's output sequence except the last layer's, in
+            training mode only, as torch.nn.LSTM.
+        input_conv: "batched" runs each cell's input convolution once over all T frames
+            (`run_cell`), "fused" convolves cat(x, h) inside each step with the weights
+            concatenated, "auto" (the default) picks per layer by input width
+            (``FUSE_MAX_INPUT_CHANNELS``). The parameters and the function are the same.
+        **cell_options: the cell's own options (peephole, norm, links, ...).
+
+    ``output, state = layer(x, state=None)``:
+        output: (B, T, num_directions * C_hid, H, W), the last layer's hidden sequence
+            (C_hid is the last layer's width); (T, B, ...) with batch_first=False.
+        state: a list of num_layers * num_directions cell states, layer by layer and,
+            inside a layer, forward before backward, as torch.nn.LSTM orders h_n: entry
+            ``layer * num_directions + direction`` is the state of
+            ``cells[layer * num_directions + direction]`` after its last step (for the
+            backward direction, after frame 0). A cell state is the cell's own: (h, c)
+            for ConvLSTM, h for ConvGRU and TrajGRU, each (B, C_hid of that layer, H, W).
+            It is a list, not one tensor, because widths may differ per layer. Passing it
+            back as ``state`` continues the sequence (the forward direction: a backward
+            direction would need the later frames first); None, or None entries, are zeros.
+
+    The cells are registered in that same order in ``cells``, each with its own parameters.
+    """
+
+    cell_class: type[ConvRNNCell] = ConvRNNCell
+    state_tensors = 1  # tensors in one cell's state
+
+    def __init__(self, in_channels: int, hidden_channels: int | Sequence[int],
+                 kernel_size: Kernel | list[Kernel], num_layers: int = 1, *,
+                 batch_first: bool = True, bidirectional: bool = False, dropout: float = 0.0,
+                 input_conv: str = "auto", **cell_options):
+        super().__init__()
+        name = type(self).__name__
+        if not _is_int(num_layers) or num_layers < 1:
+            raise ValueError(f"{name}: num_layers must be an int >= 1, got {num_layers!r}")
+        if not _is_int(in_channels) or in_channels < 1:
+            raise ValueError(f"{name}: in_channels must be an int >= 1, got {in_channels!r}")
+        if _is_int(hidden_channels):
+            hidden = [hidden_channels] * num_layers
+        elif isinstance(hidden_channels, Sequence) and len(hidden_channels) == num_layers:
+            hidden = list(hidden_channels)
+        else:
+            raise ValueError(f"{name}: hidden_channels takes one int or one per layer "
+                             f"(num_layers={num_layers}), got {hidden_channels!r}")
+        if not all(_is_int(c) and c >= 1 for c in hidden):
+            raise ValueError(f"{name}: hidden_channels must be ints >= 1, got {hidden_channels!r}")
+        if isinstance(kernel_size, list):
+            if len(kernel_size) != num_layers:
+                raise ValueError(
+                    f"{name}: kernel_size as a list gives one kernel per layer "
+                    f"(num_layers={num_layers}), got {len(kernel_size)}: {kernel_size!r}; "
+                    "a (kh, kw) kernel for every layer is a tuple")
+            kernels = list(kernel_size)
+        else:
+            kernels = [kernel_size] * num_layers
+        for k in kernels:
+            try:
+                kernel_pair(k)
+            except ValueError:
+                raise ValueError(
+                    f"{name}: kernel_size takes an odd int or an odd (kh, kw) tuple for every "
+                    f"layer, or a list with one per layer, got {kernel_size!r}") from None
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+                or not 0 <= dropout <= 1:
+            raise ValueError(f"{name}: dropout must be a probability in [0, 1], got {dropout!r}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(f"{name}: dropout={dropout} acts between layers only, so with "
+                          "num_layers=1 it does nothing", stacklevel=2)
+        if input_conv not in INPUT_CONVS:
+            raise ValueError(f"{name}: input_conv must be one of {', '.join(INPUT_CONVS)}, "
+                             f"got {input_conv!r}")
+        self.in_channels = in_channels
+        self.hidden_channels = tuple(hidden)  # per layer
+        self.kernel_size = tuple(k if _is_int(k) else tuple(k) for k in kernels)  # per layer
+        self.num_layers = num_layers
+        self.batch_first = bool(batch_first)
+        self.bidirectional = bool(bidirectional)
+        self.num_directions = 2 if bidirectional else 1
+        self.dropout = float(dropout)
+        self.input_conv = input_conv
+        self.cells = nn.ModuleList(
+            self.cell_class(in_channels if layer == 0 else hidden[layer - 1] * self.num_directions,
+                            hidden[layer], kernels[layer], **cell_options)
+            for layer in range(num_layers) for _ in range(self.num_directions)
+        )
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of ``output``: num_directions times the last layer's hidden channels."""
+        return self.num_directions * self.hidden_channels[-1]
+
+    def fused(self, layer: int) -> bool:
+        """Does ``layer`` run the fused step (True) or the batched input convolution?"""
+        if self.input_conv == "auto":
+            return self.cells[layer * self.num_directions].input_channels \
+                <= FUSE_MAX_INPUT_CHANNELS
+        return self.input_conv == "fused"
+
+    def forward(self, x: torch.Tensor, state: list | None = None):
+        x = self._batch_major(x)                                          # (B, T, C_in, H, W)
+        states = self._check_state(state, x)
+        last = []
+        for layer in range(self.num_layers):
+            if layer > 0 and self.dropout > 0 and self.training:
+                x = F.dropout(x, self.dropout, training=True)
+            fused = self.fused(layer)
+            outputs = []
+            for direction in range(self.num_directions):
+                k = layer * self.num_directions + direction
+                out, s = run_cell(self.cells[k], x, states[k], reverse=direction == 1,
+                                  fused=fused)                            # (B, T, C_hid, H, W)
+                outputs.append(out)
+                last.append(s)
+            x = outputs[0] if len(outputs) == 1 else cat_channels(outputs)  # (B, T, D*C_hid, H, W)
+        return (x if self.batch_first else x.transpose(0, 1)), last
+
+    def _batch_major(self, x) -> torch.Tensor:
+        name = type(self).__name__
+        layout = "(B, T, C, H, W)" if self.batch_first else "(T, B, C, H, W)"
+        if not isinstance(x, torch.Tensor) or x.dim() != 5:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} expects x of shape {layout} "
+                             f"(batch_first={self.batch_first}), got {got}")
+        if x.shape[2] != self.in_channels:
+            raise ValueError(f"{name} expects {self.in_channels} input channels, x {layout} "
+                             f"has {x.shape[2]}: got shape {tuple(x.shape)}")
+        if 0 in x.shape:
+            raise ValueError(f"{name} needs a non-empty x {layout}, got {tuple(x.shape)}")
+        return x if self.batch_first else x.transpose(0, 1)                  # (B, T, C, H, W)
+
+    def _check_state(self, state, x: torch.Tensor) -> list:
+        name, n = type(self).__name__, len(self.cells)
+        if state is None:
+            return [None] * n
+        if not isinstance(state, (list, tuple)) or len(state) != n:
+            got = f"{len(state)} entries" if isinstance(state, (list, tuple)) else \
+                type(state).__name__
+            raise ValueError(f"{name}: state takes None or the list of {n} cell states it "
+                             f"returned (num_layers x num_directions), got {got}")
+        B, (H, W) = x.shape[0], x.shape[-2:]
+        form = "a (h, c) pair" if self.state_tensors == 2 else "a tensor h"
+        for k, s in enumerate(state):
+            if s is None:
+                continue
+            layer, direction = divmod(k, self.num_directions)
+            want = (B, self.hidden_channels[layer], H, W)
+            parts = tuple(s) if isinstance(s, (list, tuple)) else (s,)
+            if (isinstance(s, torch.Tensor) != (self.state_tensors == 1)
+                    or len(parts) != self.state_tensors
+                    or any(not isinstance(p, torch.Tensor) or tuple(p.shape) != want
+                           for p in parts)):
+                got = [tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+                       for p in parts]
+                raise ValueError(
+                    f"{name}: state[{k}] (layer {layer}, "
+                    f"{'backward' if direction else 'forward'}) should be {form}, each "
+                    f"{want} for this x, got {got if len(got) > 1 else got[0]}")
+        return list(state)
+
+    def extra_repr(self) -> str:
+        hidden = self.hidden_channels
+        kernels = self.kernel_size
+        return (f"{self.in_channels}, {hidden[0] if len(set(hidden)) == 1 else list(hidden)}, "
+                f"kernel_size={kernels[0] if len(set(kernels)) == 1 else list(kernels)}, "
+                f"num_layers={self.num_layers}, batch_first={self.batch_first}, "
+                f"bidirectional={self.bidirectional}, dropout={self.dropout}, "
+                f"input_conv={self.input_conv!r}")
+
+
+class ConvLSTM(ConvRNNLayer):
+    """ConvLSTM layers (`ConvLSTMCell`, Shi et al. 2015) over a sequence, like torch.nn.LSTM.
+
+    x (B, T, C_in, H, W) -> output (B, T, D*C_hid, H, W), state: a list of (h, c), one per
+    layer and direction (see `ConvRNNLayer` for every argument). ``peephole`` and ``norm``
+    are the cell's.
+    """
+
+    cell_class = ConvLSTMCell
+    state_tensors = 2
+
+    def __init__(self, in_channels: int, hidden_channels: int | Sequence[int],
+                 kernel_size: Kernel | list[Kernel], num_layers: int = 1, *,
+                 batch_first: bool = True, bidirectional: bool = False, dropout: float = 0.0,
+                 input_conv: str = "auto", peephole: bool = False, norm: str | None = None):
+        super().__init__(in_channels, hidden_channels, kernel_size, num_layers,
+                         batch_first=batch_first, bidirectional=bidirectional, dropout=dropout,
+                         input_conv=input_conv, peephole=peephole, norm=norm)
+
+
+class ConvGRU(ConvRNNLayer):
+    """ConvGRU layers (`ConvGRUCell`) over a sequence, like torch.nn.GRU.
+
+    x (B, T, C_in, H, W) -> output (B, T, D*C_hid, H, W), state: a list of h, one per layer
+    and direction (see `ConvRNNLayer` for every argument). ``norm`` is the cell's.
+    """
+
+    cell_class = ConvGRUCell
+
+    def __init__(self, in_channels: int, hidden_channels: int | Sequence[int],
+                 kernel_size: Kernel | list[Kernel], num_layers: int = 1, *,
+                 batch_first: bool = True, bidirectional: bool = False, dropout: float = 0.0,
+                 input_conv: str = "auto", norm: str | None = None):
+        super().__init__(in_channels, hidden_channels, kernel_size, num_layers,
+                         batch_first=batch_first, bidirectional=bidirectional, dropout=dropout,
+                         input_conv=input_conv, norm=norm)
+
+
+class TrajGRU(ConvRNNLayer):
+    """TrajGRU layers (`TrajGRUCell`, Shi et al. 2017) over a sequence, like torch.nn.GRU.
+
+    x (B, T, C_in, H, W) -> output (B, T, D*C_hid, H, W), state: a list of h, one per layer
+    and direction (see `ConvRNNLayer` for every argument). ``kernel_size`` is the flow
+    generator's (5 in the paper); ``links``, ``norm``, ``flow_channels`` and
+    ``input_kernel_size`` (the 3x3 input-to-state convolution) are the cell's.
+    """
+
+    cell_class = TrajGRUCell
+
+    def __init__(self, in_channels: int, hidden_channels: int | Sequence[int],
+                 kernel_size: Kernel | list[Kernel], num_layers: int = 1, *,
+                 batch_first: bool = True, bidirectional: bool = False, dropout: float = 0.0,
+                 input_conv: str = "auto", links: int = 13, norm: str | None = None,
+                 flow_channels: int = 32, input_kernel_size: Kernel = 3):
+        super().__init__(in_channels, hidden_channels, kernel_size, num_layers,
+                         batch_first=batch_first, bidirectional=bidirectional, dropout=dropout,
+                         input_conv=input_conv, links=links, norm=norm,
+                         flow_channels=flow_channels, input_kernel_size=input_kernel_size)

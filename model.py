@@ -40,7 +40,7 @@ def _check_conv(where: str, spec: Conv) -> None:
 
 
 HEAD_ACTIVATIONS = (None, "leaky")  # see Preset.head_activation
-NORMS = (None, "none", "group")      # see ConvRNN._norm
+NORMS = (None, "none", "group")      # see ConvRNN.norm_layer
 
 
 def _check_cell_options(preset: Preset) -> None:

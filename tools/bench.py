@@ -4,6 +4,7 @@
     python tools/bench.py --arch convlstm,convgru --amp none,bf16 --json bench.json
     python tools/bench.py --conv direct,winograd --channels-last  # Winograd: fp32 only
     python tools/bench.py --arch trajgru --no-reference
+    python tools/bench.py --layers [FLAGS]    # the layers per shape: tools/bench_layers.py
 
 One row per --arch x --amp x --conv setting: the median time of training.train_step (forward,
 loss, backward, clipping, Adam) after warm-up, GFLOP per step, the GFLOP/s of one large
@@ -77,6 +78,9 @@ def parse_args(argv):
                    help="also write the results there (one row: an object; several: "
                         "{\"runs\": [...]})")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="(default: 0)")
+    p.add_argument("--layers", action="store_true",
+                   help="time the ConvLSTM/ConvGRU layers per shape instead: runs "
+                        "tools/bench_layers.py with the other flags (see its --help)")
     args = p.parse_args(argv)
     if min(args.batch_size, args.frames_input, args.frames_output, args.repeats) < 1 \
             or args.warmup < 0:
@@ -308,7 +312,11 @@ COLUMNS = [("arch", "arch", "{}"), ("amp", "amp", "{}"), ("conv", "conv", "{}"),
 
 
 def main(argv=None) -> list[dict]:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if "--layers" in argv:  # its own flags follow
+        from tools import bench_layers  # imports this module: not at the top
+        return bench_layers.main([a for a in argv if a != "--layers"])
+    args = parse_args(argv)
     device = pick_device(args.device)
     archs, convs = _split(args.arch), _split(args.conv)
     check(bool(archs and convs and _split(args.amp)), "--arch, --amp and --conv need a value each")

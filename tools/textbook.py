@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ConvRNN import ConvGRUCell, ConvLSTMCell, _norm
+from ConvRNN import ConvGRUCell, ConvLSTMCell, norm_layer
 from decoder import build_head
 from encoder import conv_block, per_frame
 from net_params import Preset
@@ -36,7 +36,7 @@ class TextbookConvLSTMCell(nn.Module):
         self.hidden_channels = hidden_channels
         self.conv = nn.Conv2d(input_channels + hidden_channels, 4 * hidden_channels,
                               kernel_size, padding=kernel_size // 2)
-        self.norm = _norm(norm, 4 * hidden_channels)
+        self.norm = norm_layer(norm, 4 * hidden_channels)
         self.peephole = (nn.Parameter(torch.zeros(3, hidden_channels, 1, 1))
                          if peephole else None)
 
@@ -68,8 +68,8 @@ class TextbookConvGRUCell(nn.Module):
         both = input_channels + hidden_channels
         self.gate_conv = nn.Conv2d(both, 2 * hidden_channels, kernel_size, padding=pad)
         self.candidate_conv = nn.Conv2d(both, hidden_channels, kernel_size, padding=pad)
-        self.gate_norm = _norm(norm, 2 * hidden_channels)
-        self.candidate_norm = _norm(norm, hidden_channels)
+        self.gate_norm = norm_layer(norm, 2 * hidden_channels)
+        self.candidate_norm = norm_layer(norm, hidden_channels)
 
     def forward(self, x, h_prev):
         gates = self.gate_norm(self.gate_conv(torch.cat([x, h_prev], dim=1)))
