@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import platform
 
 import torch
 
@@ -58,15 +59,40 @@ def pick_device(name="auto"):
 # ---------------------------------------------------------------------------------------
 
 
+def cpu_has_native_bf16() -> bool:
+    """True where this CPU runs bf16 matrix math in hardware, so that bf16 beats fp32.
+
+    oneDNN must say it can (torch.ops.mkldnn._is_mkldnn_bf16_supported), and on x86 the CPU
+    must have AVX512-BF16 or AMX as well: oneDNN also says yes on AVX-512 CPUs without them,
+    where it emulates bf16 more slowly than fp32. On Arm its answer is the BF16 extension
+    itself. A probe this torch build lacks counts as no.
+    """
+    try:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+    except (AttributeError, RuntimeError):
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return True
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
 def resolve_amp(amp: str, device: torch.device) -> str:
     """The precision that --amp means on `device`: "none" (fp32), "bf16" or "fp16".
 
-    auto is bf16 on CUDA GPUs that support it and fp32 elsewhere: CPUs without AVX512-BF16
-    or AMX run bf16 slowly, so there it stays opt-in. A precision resolves to itself.
+    auto is bf16 on CUDA GPUs that support it and on CPUs that run it natively
+    (`cpu_has_native_bf16`: about 2x fp32's speed there, docs/speed.md), fp32 on other
+    CPUs, where bf16 is emulated and many times slower than fp32. MPS stays fp32: its autocast is
+    unmeasured here (tools/gpu_check.sh measures CUDA), and bf16 needs macOS 14 there, so
+    fp32 is the one choice known to run, and to train as documented, on every Mac. A
+    precision resolves to itself.
     """
     check(amp in AMP_CHOICES, f"--amp {amp!r}: use one of {', '.join(AMP_CHOICES)}")
     if amp == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "none"
+        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "none"
     check(amp != "fp16" or device.type == "cuda",
           f"--amp fp16 needs a CUDA device, got {device.type}; use --amp bf16")
     return amp

@@ -1,18 +1,21 @@
 """Train an encoder-forecaster on Moving MNIST (or your own sequences).
 
     python main.py                                     # convlstm, the original's setting
-    python main.py --arch tiny --device cpu --time-budget 15
+    python main.py --arch tiny --device cpu --time-budget 15  # schedule fitted to 15 min
     python main.py --arch tiny --device cpu --resume   # the same command, continued
 
 A run is a folder (default runs/<timestamp>-<arch>) holding config.json, TensorBoard
 events, metrics.jsonl (one line per finished epoch) and checkpoints/{last,best}.pt; see
-runfolder.py. This file reads top to bottom: flags, config, data, the recipe (schedules,
-early stopping, the training state a checkpoint holds), the loop.
+runfolder.py. This file reads top to bottom: flags, config, data, the recipe (early
+stopping, the training state a checkpoint holds; the LR schedule's shape and its fit to
+--time-budget live in schedule.py), the loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import io
 import json
 import math
 import os
@@ -28,7 +31,8 @@ from tqdm import tqdm
 from checkpoints import load_checkpoint, load_weights
 from data.arrays import SequenceArrayDataset, load_sequences, split_holdout
 from data.mm import MovingMNIST
-from devices import AMP_CHOICES, CONVS, autocast_context, pick_device, resolve_amp, set_up, use_conv
+from devices import (AMP_CHOICES, CONVS, autocast_context, pick_device, resolve_amp, set_up,
+                     synchronize, use_conv)
 from distributed import (agree, all_sum, broadcast, close_distributed, init_distributed, parallel,
                          rank0_first)
 from metrics import METRIC_NAMES, score
@@ -36,6 +40,8 @@ from model import build_model, check_preset, count_parameters
 from net_params import get_preset
 from pictures import prediction_grid
 from runfolder import RunFolder, has_checkpoint, locate_run, new_run_dir, recorded_history
+from schedule import (DECAYING, budget_warning, calibrate, fit_epochs, fit_message, fitted_record,
+                      lr_factor, reanchor)
 from training import LOSSES, grad_scaler, train_step
 from utils import (DEFAULT_DATA_ROOT, ArgumentParser, UsageError, check, rng_state, run_cli,
                    seed_everything, set_rng_state)
@@ -69,7 +75,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=None, metavar="DIR",
                    help="run folder (default: runs/<timestamp>-<arch>)")
     p.add_argument("--epochs", type=int, default=None, metavar="N",
-                   help="(default: the preset's, 200 for convlstm)")
+                   help="the schedule's length; on --resume, a new value makes a onecycle or "
+                        "cosine LR go from where it is down to the schedule's end at the new "
+                        "length (default: fitted to --time-budget for onecycle and cosine, "
+                        "else the preset's, 200 for convlstm)")
     p.add_argument("--epoch-size", type=int, default=None, metavar="N",
                    help="sequences per epoch (default: the preset's, 10000 for convlstm)")
     p.add_argument("--val-size", type=int, default=1000, metavar="N",
@@ -105,9 +114,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="DataLoader worker processes (default: up to 8 on CUDA, 1 elsewhere)")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
-                   help="autocast precision; auto is bf16 on CUDA GPUs that support it and "
-                        "fp32 elsewhere (CPU bf16 is fast only with AVX512-BF16 or AMX); fp16 "
-                        "on CUDA only (default: auto)")
+                   help="autocast precision; auto is bf16 on CUDA GPUs that support it and on "
+                        "CPUs that run bf16 natively (AVX512-BF16, AMX, Arm BF16), else fp32; "
+                        "a resumed run keeps its precision, auto resolved again on the new "
+                        "device; fp16 on CUDA only (default: auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
     p.add_argument("--conv", default="direct", choices=CONVS,
                    help="the cells' 5x5 convolutions: direct, or Winograd F(4x4, 5x5) from "
@@ -115,7 +125,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="stop after this many minutes (validation included) with a checkpoint "
                         "that --resume continues exactly; it counts from this start, and a "
-                        "resumed run has none unless given (default: none)")
+                        "resumed run has none unless given. A new onecycle or cosine run without "
+                        "--epochs first times a few steps and a validation, then fits its epochs "
+                        "to the budget (config.json's fitted; --resume keeps them); with --epochs "
+                        "it keeps them and warns after epoch 1 if they won't fit; plateau only "
+                        "stops (default: none)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
                    help="continue a run: PATH is its folder or checkpoint; alone, --out-dir's "
                         "run or the newest run that is not running (default: off)")
@@ -165,8 +179,10 @@ def resolve_config(args: argparse.Namespace) -> dict:
     if args.frames_output is not None:
         preset.frames_output = args.frames_output
     check_preset(preset)
-    # --amp is stored as asked ("auto" too) until main() resolves it on the device
+    # --amp is stored as asked ("auto" too) until main() resolves it on the device; the flag
+    # itself stays, so that a resumed run resolves auto again on its own device
     config = {FLAG_KEYS.get(k, k): v for k, v in vars(args).items() if k not in ("resume", "out_dir")}
+    config["amp_requested"] = args.amp
     for key in ("epochs", "batch_size", "lr", "epoch_size"):  # flags override the preset's
         if config[key] is None:
             config[key] = getattr(preset, key)
@@ -181,6 +197,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         config.update(epochs=1, epoch_size=config["batch_size"] * world,
                       val_size=min(config["val_size"], config["batch_size"]))
+    elif args.time_budget is not None and args.epochs is None and config["schedule"] in DECAYING:
+        config["fitted"] = {}  # train() fits the epochs to the budget (fit_to_budget)
     return config
 
 
@@ -197,8 +215,10 @@ def upgrade_config(stored: dict) -> dict:
         config["conv"] = "direct"
     # Before this version config["amp"] held the --amp flag and config["precision"] what it
     # resolved to at the last start; the precision is now the one key.
-    amp = config.pop("amp", "auto")
-    config.setdefault("precision", amp)
+    # Configs without "amp_requested" keep their precision on resume: only "auto" resolves again.
+    amp = config.pop("amp", None)
+    config.setdefault("precision", amp or "auto")
+    config.setdefault("amp_requested", amp)
     return config
 
 
@@ -207,18 +227,22 @@ def resumed_config(stored: dict, args: argparse.Namespace, given: set[str], run:
     value; RESUMABLE ones may change, and each change is recorded under "resumes".
 
     The run keeps its precision unless --amp is given again; a given --amp counts as the
-    precision it means on this run's device.
+    precision it means on this run's device. A run started with --amp auto resolves auto
+    again on this device: bf16 from a GPU becomes fp32 on a CPU without native bf16.
     """
     config = upgrade_config(stored)
     config["time_budget"] = None  # a budget is this process's: only a given one applies
     changed = {}
-    flags = sorted(given - {"resume", "out_dir", "amp"}) + ["amp"] * ("amp" in given)  # --device first
+    if "amp" in given:
+        config["amp_requested"] = args.amp
+    again = "amp" in given or config["amp_requested"] == "auto"
+    flags = sorted(given - {"resume", "out_dir", "amp"}) + ["amp"] * again  # --device first
     for flag in flags:
         key, new = FLAG_KEYS.get(flag, flag), getattr(args, flag)
         if flag in ("data_root", "train_data") and new is not None:
             new = os.path.abspath(new)
         if flag == "amp":
-            new = resolve_amp(new, pick_device(config["device"]))
+            new = resolve_amp(config["amp_requested"], pick_device(config["device"]))
         old = config.get(key)
         if old == new:
             continue
@@ -371,19 +395,6 @@ class EarlyStopping:
         self.best, self.bad_epochs = state["best"], state["bad_epochs"]
 
 
-def lr_factor(schedule: str, warmup: float, step: int, total: int) -> float:
-    """The LR as a share of the peak --lr after `step` optimizer steps of `total`."""
-    progress = min(step / max(total, 1), 1.0)
-    if schedule == "onecycle":  # Smith & Topin 2019: cosine up from peak/25, down to peak/25e4
-        if progress < warmup:
-            return 1 / 25 + (1 - 1 / 25) * (1 - math.cos(math.pi * progress / warmup)) / 2
-        down = (progress - warmup) / (1 - warmup)
-        return 1 / 25e4 + (1 - 1 / 25e4) * (1 + math.cos(math.pi * down)) / 2
-    if progress < warmup:  # cosine: linear warm-up from 0, then a half cosine to 0
-        return (step + 1) / (warmup * total + 1)
-    return (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup))) / 2
-
-
 class TrainState:
     """Model, optimizer, LR schedule, early stopping and the position in the run: the
     state a checkpoint holds, and the one optimisation step that advances it."""
@@ -400,9 +411,7 @@ class TrainState:
             self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=0.5,
                                                                         patience=4)
         else:
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-                self.optimizer, lambda s: lr_factor(config["schedule"], config["warmup"], s,
-                                                    self.total_steps))
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: self.factor(s))
         self.stopper = EarlyStopping(config["patience"])
         self.scaler = grad_scaler(device, config["precision"])
         self.epoch, self.position, self.step, self.history = 0, 0, 0, []
@@ -411,6 +420,11 @@ class TrainState:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def factor(self, step: int) -> float:
+        """The LR at `step` as a share of the peak (onecycle, cosine; schedule.py)."""
+        return lr_factor(self.config["schedule"], self.config["warmup"], step, self.total_steps,
+                         self.config.get("anneal"))
 
     def train_step(self, model, inputs, targets, amp_ctx) -> None:
         self.loss_sum += train_step(model, self.optimizer, self.scaler, inputs, targets, amp_ctx,
@@ -470,8 +484,7 @@ class TrainState:
         """A new --lr on resume: the schedule goes on from its position at the new peak."""
         for group in self.optimizer.param_groups:
             group["initial_lr"] = lr
-            group["lr"] = lr if self.config["schedule"] == "plateau" else \
-                lr * lr_factor(self.config["schedule"], self.config["warmup"], self.step, self.total_steps)
+            group["lr"] = lr if self.config["schedule"] == "plateau" else lr * self.factor(self.step)
         if self.config["schedule"] != "plateau":
             self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
 
@@ -559,6 +572,40 @@ def make_loaders(train_set, val_set, config: dict, device: torch.device, rank: i
     return sampler, DataLoader(train_set, sampler=sampler, **kw), DataLoader(val_shard, **kw)
 
 
+def fit_to_budget(state: TrainState, runnable, datasets, loaders, amp_ctx, deadline: float,
+                  log) -> TrainState:
+    """Time this machine on a throw-away start, fix the schedule's epochs to what fits
+    before `deadline` (schedule.py), record them in the config, and return a fresh
+    training state from the very same start: weights, RNG states, a new optimizer."""
+    config, model, device, rank, world = state.config, state.model, state.device, state.rank, state.world
+    (train_set, val_set), (sampler, train_loader, val_loader) = datasets, loaders
+    B, start = config["batch_size"], (copy.deepcopy(model.state_dict()), rng_state())
+    share = rank_share(epoch_order(train_set, config, 0), B, rank, world)
+    val_shard = val_loader.dataset
+
+    def train_steps(n):  # epoch 0's first batches, over again if it has fewer
+        sampler.indices = [share[i % len(share)] for i in range(n * B)]
+        for inputs, targets in train_loader:
+            state.train_step(runnable, inputs.to(device), targets.to(device), amp_ctx)
+
+    def validate_batches(n):  # this process's shard, over again if it has fewer
+        indices = [i % len(val_shard) for i in range(n * B)] if len(val_shard) else []
+        validate(runnable, DataLoader(Subset(val_shard, indices), batch_size=B), device, amp_ctx,
+                 config["frames_output"])
+
+    speed = calibrate(train_steps, validate_batches, len(val_loader),
+                      lambda: torch.save(state.state_dict(), io.BytesIO()), lambda: synchronize(device))
+    model.load_state_dict(start[0])
+    set_rng_state(start[1])
+    speed = broadcast(speed, rank)  # every process trains rank 0's length
+    seconds_left = broadcast(deadline - time.time(), rank)
+    fits = fit_epochs(speed, state.steps_per_epoch, seconds_left)
+    config["fitted"] = fitted_record(speed, fits, state.steps_per_epoch, seconds_left)
+    config["epochs"] = config["fitted"]["epochs"]
+    log(fit_message(config, config["fitted"], fits))
+    return TrainState(config, model, state.steps_per_epoch, device, rank, world)
+
+
 def train(config, run, checkpoint, fork_source, train_set, val_set, rank, world, device,
           memory_format) -> dict:
     """Epochs of steps, validation and checkpoints, until the epochs, early stopping, the
@@ -567,17 +614,30 @@ def train(config, run, checkpoint, fork_source, train_set, val_set, rank, world,
     model, runnable = build(config, device, memory_format, world)
     B = config["batch_size"]
     state = TrainState(config, model, len(train_set) // (B * world), device, rank, world)
+    notes = []  # what this resume changed, said after the run's first line
     if checkpoint is not None:
         state.load_state_dict(checkpoint, config.get("forked_from") or run.checkpoints / "last.pt")
-        if checkpoint["config"]["lr"] != config["lr"]:  # a new --lr on resume
+        before = checkpoint["config"]
+        notes.append(reanchor(config, before, state.step, state.steps_per_epoch))  # a new --epochs
+        if before["lr"] != config["lr"]:  # a new --lr on resume
             state.set_peak_lr(config["lr"])
+        if before.get("precision", config["precision"]) != config["precision"]:
+            old, asked = before["precision"], config["amp_requested"]
+            notes.append(f"precision {old} -> {config['precision']}: --amp {asked} means "
+                         f"{config['precision']} on this {device.type}"
+                         + (f"; add --amp {old} to keep {old}" if asked == "auto" else ""))
     sampler, train_loader, val_loader = make_loaders(train_set, val_set, config, device, rank, world)
     amp_ctx = autocast_context(device, config["precision"])
     log(f"run {run.path}: {config['arch']} ({count_parameters(model):,} parameters) on {world} x "
         f"{device}, batch {B}{' per process' if world > 1 else ''}, lr {config['lr']:g} "
         f"({config['schedule']}), amp {config['precision']}"
         + (f", resuming at epoch {state.epoch + 1}, step {state.step}" if checkpoint else ""))
+    for note in filter(None, notes):
+        log(note)
     deadline = None if config["time_budget"] is None else time.time() + 60 * config["time_budget"]
+    if checkpoint is None and deadline is not None and config.get("fitted") is not None:
+        state = fit_to_budget(state, runnable, (train_set, val_set),
+                              (sampler, train_loader, val_loader), amp_ctx, deadline, log)
     first_epoch = state.epoch
     with run.opened(config, checkpoint, fork_source), StopRequest() as stop:
         while state.epoch < config["epochs"]:
@@ -609,6 +669,10 @@ def train(config, run, checkpoint, fork_source, train_set, val_set, rank, world,
             log(f"epoch {result['epoch']}/{config['epochs']}  train {result['train_loss']:.5f}  "
                 f"val {val_loss:.5f}  mse {metrics['mse']:.1f}  ssim {metrics['ssim']:.4f}  "
                 f"lr {state.lr:.2g}  {result['seconds']:.0f}s{'  *best' if improved else ''}")
+            if checkpoint is None and state.epoch == 1 and deadline is not None and "fitted" not in config:
+                warning = budget_warning(config, time.time() - t0, deadline - time.time(), 1)
+                if warning:  # explicit --epochs that the measured first epoch says won't fit
+                    log(warning)
             if state.stopper.should_stop:
                 log(f"early stopping: no better val loss for {state.stopper.patience} epochs")
                 break

@@ -341,12 +341,14 @@ def test_every_preset_trains_through_main(mnist_root, tmp_path, arch):
 # ----------------------------------------------------------------------------------------
 # Device defaults and the recipe flags
 
-def test_amp_defaults_to_auto_which_is_fp32_on_the_cpu(capsys):
+def test_amp_defaults_to_auto_which_is_fp32_on_the_cpu(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main.main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--amp {auto,none,bf16,fp16}" in help_text and "(default: auto)" in help_text
+    import devices
     from devices import resolve_amp
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)  # a CPU without native bf16
     assert resolve_amp("auto", torch.device("cpu")) == "none"
     assert resolve_amp("bf16", torch.device("cpu")) == "bf16"
 

@@ -57,7 +57,8 @@ def parse_args(argv):
     add_shape_flags(p, arch="convlstm", batch_size=4)
     p.add_argument("--amp", default="auto", metavar="auto|none|bf16|fp16",
                    help="autocast precision(s), comma-separated; auto = bf16 on CUDA GPUs "
-                        "that support it, else none (default: auto)")
+                        "that support it and on CPUs that run bf16 natively, else none "
+                        "(default: auto)")
     p.add_argument("--conv", default="direct", metavar="direct|winograd",
                    help="cell convolutions, comma-separated; winograd needs --amp none "
                         "(default: direct)")

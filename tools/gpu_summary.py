@@ -61,10 +61,17 @@ def run_lines(run: Path, title: str) -> list[str]:
     seqs = state["step"] * config["batch_size"] * config.get("world_size", 1)
     history = state.get("history", [])
     last = history[-1] if history else None
+    # A run whose schedule was fitted to the budget ends before it: time its epochs instead.
+    done = bool(history) and len(history) == config["epochs"] and state.get("position", 0) == 0
+    minutes = (sum(r["seconds"] for r in history) / 60 if done else 0) or config["time_budget"]
     text = (f"{state['step']} steps of batch {config['batch_size']} x {config.get('world_size', 1)} "
-            f"process(es), {seqs} sequences in {config['time_budget']:g} min "
-            f"({seqs / 60 / config['time_budget']:.1f} sequences/s with validation), "
+            f"process(es), {seqs} sequences in {minutes:.3g} min "
+            f"({seqs / 60 / minutes:.1f} sequences/s with validation), "
             f"{config['arch']}, precision {config.get('precision')}, {len(history)} epoch(s) finished")
+    if config.get("fitted"):
+        fitted = config["fitted"]
+        text += (f" of the {fitted['epochs']} fitted to the {config['time_budget']:g} min budget "
+                 f"({fitted['step_seconds']:.3g} s a step measured)")
     if last:
         text += f"; last validation: loss {last['val_loss']:.5f}, MSE {last['mse']:.1f}"
     return [f"**{title}:** {text}.", ""]

@@ -1,0 +1,150 @@
+"""The learning-rate schedule: its shape, its length fitted to --time-budget, and a new length on resume.
+
+`lr_factor` is the LR as a share of the peak --lr at each step. Its length is --epochs,
+or, for a new onecycle or cosine run with --time-budget and no --epochs, what fits the
+budget on this machine (main.fit_to_budget drives it):
+
+1. `calibrate` times, on a throw-away start that main.py then undoes (weights and RNG
+   states back, a fresh optimizer), one warm-up step, CALIBRATION_STEPS training steps, a
+   validation of VAL_BATCHES batches after one warm-up batch, and one checkpoint written to
+   memory. So the run trains exactly as one started with --epochs set to the fitted value.
+2. `fit_epochs` takes the most epochs whose steps, validations and checkpoints end inside
+   what is left of the budget, less SAFETY for what calibration can't see (DataLoader
+   start-ups, logging, a machine that slows down). At least 1: a budget that is too short
+   for one epoch stops it mid-way, as before, and a warning says so.
+3. main.py records the result in config["epochs"] and config["fitted"], which config.json
+   and every checkpoint carry, so --resume continues the very same schedule.
+
+A onecycle or cosine shape can't stretch: a resumed run whose --epochs changed goes on
+from its LR at that step down to the schedule's final value at the new end, along a half
+cosine (`reanchor`, recorded in config["anneal"]).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+DECAYING = ("onecycle", "cosine")  # schedules with an end, and so a length to fit
+CALIBRATION_STEPS = 8  # timed training steps, after one warm-up step
+VAL_BATCHES = 3        # timed validation batches, after one warm-up batch
+SAFETY = 0.05          # share of the remaining budget held back
+CHECKPOINTS_PER_EPOCH = 2  # last.pt, and best.pt whenever the epoch is the best so far
+
+
+def lr_factor(schedule: str, warmup: float, step: int, total: int, anneal: dict | None = None) -> float:
+    """The LR as a share of the peak --lr after `step` optimizer steps of `total`.
+
+    `anneal` ({"step", "factor"}, from `reanchor`) replaces the shape from its step on by a
+    half cosine from its factor down to the shape's final value at `total`.
+    """
+    if anneal is not None and step >= anneal["step"]:
+        end = lr_factor(schedule, warmup, total, total)
+        left = total - anneal["step"]
+        done = min((step - anneal["step"]) / left, 1.0) if left > 0 else 1.0
+        return end + (anneal["factor"] - end) * (1 + math.cos(math.pi * done)) / 2
+    progress = min(step / max(total, 1), 1.0)
+    if schedule == "onecycle":  # Smith & Topin 2019: cosine up from peak/25, down to peak/25e4
+        if progress < warmup:
+            return 1 / 25 + (1 - 1 / 25) * (1 - math.cos(math.pi * progress / warmup)) / 2
+        down = (progress - warmup) / (1 - warmup)
+        return 1 / 25e4 + (1 - 1 / 25e4) * (1 + math.cos(math.pi * down)) / 2
+    if progress < warmup:  # cosine: linear warm-up from 0, then a half cosine to 0
+        return (step + 1) / (warmup * total + 1)
+    return (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup))) / 2
+
+
+def reanchor(config: dict, previous: dict, step: int, steps_per_epoch: int) -> str | None:
+    """A resumed run's --epochs differs from `previous` (the checkpoint's config): for
+    onecycle and cosine, from `step` on the LR goes from its value there down to the
+    schedule's final value at the new end. Records config["anneal"]; returns the line that
+    says so, or None where nothing changes (same length, or plateau, which has no end)."""
+    if config["schedule"] not in DECAYING or config["epochs"] == previous["epochs"]:
+        return None
+    schedule, warmup = config["schedule"], config["warmup"]
+    now = lr_factor(schedule, warmup, step, previous["epochs"] * steps_per_epoch, previous.get("anneal"))
+    total = config["epochs"] * steps_per_epoch
+    config["anneal"] = {"step": step, "factor": now}
+    end = lr_factor(schedule, warmup, total, total)
+    return (f"--epochs {config['epochs']} instead of {previous['epochs']}: a {schedule} schedule "
+            f"can't stretch, so the LR goes from {now * config['lr']:.3g} at step {step} down to "
+            f"{end * config['lr']:.3g} at step {total}")
+
+
+# ----------------------------------------------------------------------------------------
+# Fitting the length to the budget
+
+
+@dataclass
+class Speed:
+    """What calibration measured, in seconds."""
+    step: float        # one training step
+    validation: float  # one validation of the whole set
+    checkpoint: float  # one checkpoint written (to memory: the disk adds little)
+
+    def epoch(self, steps_per_epoch: int) -> float:
+        return steps_per_epoch * self.step + self.validation + CHECKPOINTS_PER_EPOCH * self.checkpoint
+
+
+def calibrate(train_steps, validate, val_batches: int, save, sync) -> Speed:
+    """Time this machine: `train_steps(n)` runs n training steps, `validate(n)` validates
+    n batches, `save()` writes a checkpoint, `sync()` waits for the device's queued work;
+    `val_batches` is the size of a whole validation in batches. The first step and the
+    first batch only warm up (allocations, cuDNN autotuning, torch.compile's graphs)."""
+    train_steps(1)
+    sync()
+    t0 = time.time()
+    train_steps(CALIBRATION_STEPS)
+    sync()
+    t1 = time.time()
+    validate(1)
+    sync()
+    t2 = time.time()
+    validate(VAL_BATCHES)
+    sync()
+    t3 = time.time()
+    save()
+    t4 = time.time()
+    return Speed(step=(t1 - t0) / CALIBRATION_STEPS,
+                 validation=(t3 - t2) / VAL_BATCHES * val_batches, checkpoint=t4 - t3)
+
+
+def fit_epochs(speed: Speed, steps_per_epoch: int, seconds_left: float) -> int:
+    """The most epochs that end inside `seconds_left`, SAFETY held back (0 if none does)."""
+    return max(0, math.floor(seconds_left * (1 - SAFETY) / speed.epoch(steps_per_epoch)))
+
+
+def fitted_record(speed: Speed, epochs: int, steps_per_epoch: int, seconds_left: float) -> dict:
+    """config["fitted"]: what the fit measured and the epochs it chose (at least 1)."""
+    return {"epochs": max(epochs, 1), "steps_per_epoch": steps_per_epoch,
+            "seconds_left": round(seconds_left, 1),
+            **{f"{key}_seconds": round(value, 4) for key, value in asdict(speed).items()}}
+
+
+def fit_message(config: dict, record: dict, fits: int) -> str:
+    """The line a fitted run logs; `fits` is fit_epochs' answer (0: not even one epoch)."""
+    epochs = record["epochs"]
+    line = (f"fitted the schedule to the budget: {epochs} epoch{'s' * (epochs > 1)} of "
+            f"{record['steps_per_epoch']} steps ({record['step_seconds']:.3g} s a step, "
+            f"{record['validation_seconds']:.3g} s a validation; "
+            f"{record['seconds_left'] / 60:.3g} of {config['time_budget']:g} min left)")
+    if fits == 0:
+        line += ("; not even one epoch fits, so the budget will stop it mid-way: raise "
+                 "--time-budget, or lower --epoch-size or --val-size")
+    return line
+
+
+def budget_warning(config: dict, epoch_seconds: float, seconds_left: float, epochs_done: int) -> str | None:
+    """After the first epoch of a run with --epochs and --time-budget (onecycle, cosine):
+    the line that says the rest won't end inside the budget, naming the epoch count that
+    would; None where it will."""
+    left = config["epochs"] - epochs_done
+    if config["schedule"] not in DECAYING or left * epoch_seconds <= seconds_left:
+        return None
+    fits = epochs_done + math.floor(seconds_left * (1 - SAFETY) / epoch_seconds)
+    return (f"warning: --epochs {config['epochs']} won't end inside --time-budget "
+            f"{config['time_budget']:g}: at {epoch_seconds:.3g} s an epoch, the {left} left need "
+            f"{left * epoch_seconds / 60:.3g} min and {seconds_left / 60:.3g} remain, so the budget "
+            f"will cut the {config['schedule']} schedule short; {fits} epoch{'s' * (fits != 1)} would fit (leave "
+            f"--epochs out and the schedule fits itself to the budget)")

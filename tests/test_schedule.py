@@ -1,0 +1,335 @@
+"""The schedule fitted to --time-budget (on a fake clock), a new --epochs on resume, and the
+precision --amp auto gives on the CPU and on resume."""
+
+import json
+import re
+import signal
+import os
+import time
+
+import pytest
+import torch
+
+import devices
+import main
+from checkpoints import load_checkpoint
+import schedule
+from test_main import lines, same_numbers, same_weights
+from utils import run_cli
+
+# Every setting that decides the numbers, with a decaying schedule (fitting needs one).
+ONECYCLE = ["--schedule", "onecycle", "--optimizer", "adam", "--loss", "mse", "--clip", "10",
+            "--amp", "none", "--conv", "direct", "--seed", "0", "--lr", "2e-3"]
+
+
+def quick(mnist_root, run_dir, *extra):
+    """Epochs of 2 steps of batch 2, a validation of 1 batch: tiny, 3 -> 3 frames."""
+    return ["--arch", "tiny", "--device", "cpu", "--data-root", str(mnist_root), "--no-download",
+            "--out-dir", str(run_dir), "--workers", "0", "--batch-size", "2", "--epoch-size", "4",
+            "--val-size", "2", "--log-every", "1", "--frames-input", "3", "--frames-output", "3",
+            *extra]
+
+
+class FakeClock:
+    """time.time() of a machine on which a training step takes `step` seconds and a
+    validation batch `batch` seconds, whatever this CPU does: the runs' real work is done,
+    but only the steps and batches move the clock."""
+
+    def __init__(self, monkeypatch):
+        self.now, self.step, self.batch = 1e9, 0.0, 0.0
+        real_step, real_validate = main.train_step, main.validate
+
+        def train_step(*args, **kwargs):
+            self.now += self.step
+            return real_step(*args, **kwargs)
+
+        def validate(model, loader, *args, **kwargs):
+            self.now += self.batch * len(loader)
+            return real_validate(model, loader, *args, **kwargs)
+
+        monkeypatch.setattr(time, "time", lambda: self.now)
+        monkeypatch.setattr(main, "train_step", train_step)
+        monkeypatch.setattr(main, "validate", validate)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    return FakeClock(monkeypatch)
+
+
+def config_of(run_dir):
+    return json.loads((run_dir / "config.json").read_text())
+
+
+def logged_lrs(run_dir) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars("train/lr")}
+
+
+# ----------------------------------------------------------------------------------------
+# Fitting the schedule to the budget
+
+def test_the_fitted_length_scales_with_the_measured_speed_and_ends_inside_the_budget(
+        mnist_root, tmp_path, clock, capsys):
+    budget = 120
+    epochs = {}
+    for step in (8.0, 4.0):
+        clock.step, clock.batch = step, 2.0
+        run, start = tmp_path / f"step{step:g}", clock.now
+        main.main(quick(mnist_root, run, *ONECYCLE, "--time-budget", str(budget / 60)))
+        config, history = config_of(run), lines(run)
+        said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fitted")]
+        assert len(said) == 1 and f"{config['epochs']} epochs of 2 steps ({step:g} s a step" in said[0]
+        assert config["fitted"]["epochs"] == config["epochs"] > 1
+        assert config["fitted"]["step_seconds"] == pytest.approx(step)
+        # The whole schedule ran, inside the budget, down to the schedule's final LR ...
+        assert [r["epoch"] for r in history] == list(range(1, config["epochs"] + 1))
+        assert history[-1]["step"] == 2 * config["epochs"]
+        assert history[-1]["lr"] == pytest.approx(2e-3 / 25e4)
+        assert clock.now <= start + budget
+        # ... and one more epoch would not have fit inside the budget less its margin.
+        assert clock.now + 2 * step + 2.0 > start + budget * (1 - schedule.SAFETY)
+        epochs[step] = config["epochs"]
+        recorded = load_config(run)  # the checkpoint records the same fit
+        assert (recorded["epochs"], recorded["fitted"]) == (config["epochs"], config["fitted"])
+    assert epochs[4.0] >= 2 * epochs[8.0]  # twice the speed: more than twice the epochs (fixed costs)
+
+
+def load_config(run_dir):
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["config"]
+
+
+def test_kill_and_resume_of_a_fitted_run_equals_the_run_uninterrupted(mnist_root, tmp_path, clock,
+                                                                      monkeypatch):
+    clock.step, clock.batch = 5.0, 2.0
+    def fitted(run):
+        return quick(mnist_root, tmp_path / run, *ONECYCLE, "--time-budget", "1.75")
+
+    main.main(fitted("straight"))
+    epochs = config_of(tmp_path / "straight")["epochs"]
+    assert epochs >= 3
+
+    # The same command, Ctrl-C in epoch 2 (after the calibration's steps), then --resume.
+    stepping, calls = main.train_step, []
+
+    def step_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1 + schedule.CALIBRATION_STEPS + 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return stepping(*args, **kwargs)
+
+    monkeypatch.setattr(main, "train_step", step_then_ctrl_c)
+    assert run_cli(main.main, fitted("killed")) == 130
+    assert [r["epoch"] for r in lines(tmp_path / "killed")] == [1]
+    monkeypatch.setattr(main, "train_step", stepping)
+    main.main(fitted("killed") + ["--resume"])
+    assert config_of(tmp_path / "killed")["fitted"] == config_of(tmp_path / "straight")["fitted"]
+    same_numbers(lines(tmp_path / "straight"), lines(tmp_path / "killed"))
+    same_weights(tmp_path / "straight", tmp_path / "killed")
+
+    # Calibration leaves no trace: the run equals one told the fitted --epochs outright.
+    main.main(quick(mnist_root, tmp_path / "told", *ONECYCLE, "--epochs", str(epochs)))
+    same_numbers(lines(tmp_path / "straight"), lines(tmp_path / "told"))
+    same_weights(tmp_path / "straight", tmp_path / "told")
+    rngs = [load_checkpoint(tmp_path / name / "checkpoints" / "last.pt")["rng"]["torch"]
+            for name in ("straight", "told")]
+    assert torch.equal(*rngs)
+
+
+def test_a_gpu_users_budget_fits_the_default_convlstm_schedule(mnist_root, tmp_path, clock,
+                                                              monkeypatch, capsys):
+    """`python main.py --time-budget 120`, the default preset, on a machine whose step takes
+    0.25 s: the calibration and the fit run as on a GPU; no step computes anything."""
+
+    def fake_step(model, optimizer, *args, **kwargs):
+        clock.now += 0.25
+        optimizer.step()  # no gradients: a no-op that keeps the scheduler's order
+        return torch.zeros(())
+
+    def fake_validate(model, loader, *args, **kwargs):
+        clock.now += 0.1 * len(loader)
+
+    class Fitted(Exception):
+        """Raised where training would begin."""
+
+    def begin(*args, **kwargs):
+        raise Fitted
+
+    monkeypatch.setattr(main, "train_step", fake_step)
+    monkeypatch.setattr(main, "validate", fake_validate)
+    monkeypatch.setattr(main, "train_epoch", begin)
+    run = tmp_path / "gpu"
+    with pytest.raises(Fitted):
+        main.main(["--time-budget", "120", "--device", "cpu", "--data-root", str(mnist_root),
+                   "--no-download", "--out-dir", str(run), "--workers", "0"])
+    config = config_of(run)
+    fitted = config["fitted"]
+    assert config["arch"] == "convlstm" and config["schedule"] == "onecycle"
+    assert fitted["steps_per_epoch"] == 10_000 // 16 and fitted["step_seconds"] == pytest.approx(0.25)
+    assert fitted["validation_seconds"] == pytest.approx(0.1 * 63)  # 1,000 sequences, batch 16
+    epoch = 625 * 0.25 + 0.1 * 63 + schedule.CHECKPOINTS_PER_EPOCH * fitted["checkpoint_seconds"]
+    assert config["epochs"] == fitted["epochs"] and config["epochs"] * epoch <= fitted["seconds_left"]
+    assert (config["epochs"] + 1) * epoch > fitted["seconds_left"] * (1 - schedule.SAFETY)
+    assert 120 * 60 - 60 < fitted["seconds_left"] < 120 * 60  # calibration took seconds
+    assert f"fitted the schedule to the budget: {config['epochs']} epochs of 625 steps" in capsys.readouterr().out
+
+    # The LR schedule that training steps through: up to the peak, down to its end at the
+    # fitted length's last step.
+    state = main.TrainState(config, torch.nn.Linear(1, 1), 625, torch.device("cpu"))
+    lrs = []
+    for _ in range(config["epochs"] * 625):
+        state.optimizer.step()
+        state.scheduler.step()
+        lrs.append(state.lr)
+    assert max(lrs) == pytest.approx(config["lr"], rel=1e-4)
+    assert lrs[-1] == pytest.approx(config["lr"] / 25e4)
+    assert lrs[-2] > lrs[-1]  # still decaying at the last step: the shape spans the fitted length
+
+
+def test_explicit_epochs_are_kept_and_a_warning_names_what_fits(mnist_root, tmp_path, clock, capsys):
+    clock.step, clock.batch = 10.0, 4.0
+    main.main(quick(mnist_root, tmp_path / "fits", *ONECYCLE, "--epochs", "2", "--time-budget", "2"))
+    assert "warning" not in capsys.readouterr().out
+
+    run = tmp_path / "long"
+    main.main(quick(mnist_root, run, *ONECYCLE, "--epochs", "50", "--time-budget", "2"))
+    config = config_of(run)
+    assert config["epochs"] == 50 and "fitted" not in config
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(said) == 1 and said[0].startswith("warning: --epochs 50 won't end inside --time-budget 2")
+    fits = int(re.search(r"(\d+) epochs? would fit", said[0]).group(1))
+    done = len(lines(run))  # the budget stopped it: the count the warning named did fit
+    assert 1 <= fits <= done <= fits + 1
+
+
+def test_plateau_with_a_budget_is_not_fitted(mnist_root, tmp_path, clock):
+    clock.step, clock.batch = 10.0, 4.0
+    run = tmp_path / "run"
+    main.main(quick(mnist_root, run, "--schedule", "plateau", "--epochs", "3", "--time-budget", "2"))
+    assert "fitted" not in config_of(run) and [r["epoch"] for r in lines(run)] == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------------------
+# A new --epochs on resume
+
+def test_a_new_epochs_on_resume_anneals_from_the_lr_it_has(mnist_root, tmp_path, monkeypatch, capsys):
+    stepping, calls = main.train_step, []
+
+    def ctrl_c_at(n):
+        def step(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                os.kill(os.getpid(), signal.SIGINT)
+            return stepping(*args, **kwargs)
+        return step
+
+    def resume(run, epochs, stop_at=None):
+        monkeypatch.setattr(main, "train_step", stepping if stop_at is None else ctrl_c_at(stop_at))
+        argv = quick(mnist_root, run, *ONECYCLE, "--epochs", str(epochs), "--resume")
+        assert run_cli(main.main, argv) == (0 if stop_at is None else 130)
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("--epochs")]
+
+    runs = {name: tmp_path / name for name in ("once", "twice")}
+    for run in runs.values():
+        calls.clear()
+        monkeypatch.setattr(main, "train_step", ctrl_c_at(3))
+        assert run_cli(main.main, quick(mnist_root, run, *ONECYCLE, "--epochs", "3")) == 130
+    said = resume(runs["once"], 5)  # after step 3 of 6: 7 steps to go
+    assert len(said) == 1 and said[0].startswith("--epochs 5 instead of 3") and "step 3" in said[0]
+    assert len(resume(runs["twice"], 5, stop_at=6)) == 1  # stopped again, 3 steps on
+    assert resume(runs["twice"], 5) == []  # the length it has: nothing to say
+
+    run = runs["once"]
+    lrs = logged_lrs(run)
+    assert sorted(lrs) == list(range(1, 11))
+    at_stop = 2e-3 * schedule.lr_factor("onecycle", 0.3, 3, 6)  # decaying already
+    assert lrs[3] == pytest.approx(at_stop, rel=1e-6) and lrs[3] < max(lrs.values())
+    after = [lrs[s] for s in range(4, 11)]
+    assert all(a >= b for a, b in zip([lrs[3]] + after, after))  # no jump back up
+    assert after[-1] == pytest.approx(2e-3 / 25e4, rel=1e-5)
+    assert config_of(run)["anneal"]["step"] == 3 and config_of(run)["epochs"] == 5
+    # Deterministic: a run stopped and resumed again along the new length equals it.
+    same_numbers(lines(runs["once"]), lines(runs["twice"]))
+    same_weights(runs["once"], runs["twice"])
+
+
+# ----------------------------------------------------------------------------------------
+# --amp auto on the CPU, and on resume
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_auto_on_the_cpu_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, native):
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert devices.resolve_amp("auto", cpu) == ("bf16" if native else "none")
+    assert devices.resolve_amp("none", cpu) == "none" and devices.resolve_amp("bf16", cpu) == "bf16"
+
+
+@pytest.mark.parametrize("machine, mkldnn, avx512_bf16, amx, native", [
+    ("x86_64", True, True, False, True),     # AVX512-BF16
+    ("x86_64", True, False, True, True),     # AMX
+    ("x86_64", True, False, False, False),   # AVX-512 without them: oneDNN emulates bf16
+    ("x86_64", False, False, False, False),  # AVX2
+    ("aarch64", True, False, False, True),   # Arm with BF16: oneDNN's own answer
+    ("aarch64", None, False, False, False),  # a torch without the probe
+])
+def test_native_bf16_detection(monkeypatch, machine, mkldnn, avx512_bf16, amx, native):
+    def probe():
+        if mkldnn is None:
+            raise AttributeError("no such op")
+        return mkldnn
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", probe, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(devices.platform, "machine", lambda: machine)
+    assert devices.cpu_has_native_bf16() is native
+
+
+def resumed(stored: dict, *argv) -> dict:
+    args, given = main.parse_args(["--resume", "somewhere", *argv])
+    return main.resumed_config({"device": "cpu", **stored}, args, given, "run")
+
+
+def test_a_resumed_run_resolves_auto_again_and_keeps_a_precision_asked_for(monkeypatch):
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    # Started with auto where bf16 was native (a GPU), resumed on a CPU without it: fp32.
+    config = resumed({"precision": "bf16", "amp_requested": "auto"})
+    assert config["precision"] == "none"
+    assert config["resumes"] == [{"changed": {"precision": ["bf16", "none"]}}]
+    # Asked for bf16, or a config from before amp_requested: the run keeps bf16.
+    for stored in ({"precision": "bf16", "amp_requested": "bf16"}, {"precision": "bf16"}):
+        config = resumed(stored)
+        assert config["precision"] == "bf16" and "resumes" not in config
+    # The layout before that kept the flag under "amp": auto resolves again.
+    assert resumed({"amp": "auto", "precision": "bf16"})["precision"] == "none"
+    # --amp given again wins, and is what a later resume resolves.
+    config = resumed({"precision": "none", "amp_requested": "auto"}, "--amp", "bf16")
+    assert (config["precision"], config["amp_requested"]) == ("bf16", "bf16")
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    config = resumed({"precision": "bf16", "amp_requested": "auto"})
+    assert config["precision"] == "bf16" and "resumes" not in config
+
+
+def test_a_run_from_a_bf16_machine_resumes_in_fp32_here_and_says_so(mnist_root, tmp_path, monkeypatch,
+                                                                    capsys):
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    run = tmp_path / "run"
+    main.main(quick(mnist_root, run, "--epochs", "1"))
+    assert (config_of(run)["precision"], config_of(run)["amp_requested"]) == ("none", "auto")
+    # Make it a run that --amp auto started in bf16 on another machine.
+    from checkpoints import atomic_save, write_json
+    for name in ("last.pt", "best.pt"):
+        ckpt = load_checkpoint(run / "checkpoints" / name)
+        ckpt["config"]["precision"] = "bf16"
+        atomic_save(ckpt, run / "checkpoints" / name)
+    write_json(run / "config.json", {**config_of(run), "precision": "bf16"})
+    capsys.readouterr()
+    main.main(quick(mnist_root, run, "--epochs", "2", "--resume"))
+    config = config_of(run)
+    assert config["precision"] == "none"
+    assert config["resumes"][-1]["changed"]["precision"] == ["bf16", "none"]
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("precision")]
+    assert len(said) == 1 and "bf16 -> none" in said[0] and "--amp bf16 to keep" in said[0]
+    assert [r["epoch"] for r in lines(run)] == [1, 2]
