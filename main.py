@@ -250,10 +250,14 @@ def resumed_config(stored: dict, args: argparse.Namespace, given: set[str], run:
     return config
 
 
+def launch(world: int) -> str:
+    """The command that starts main.py in `world` processes."""
+    return f"torchrun --nproc_per_node={world} main.py" if world > 1 else "python main.py"
+
+
 def process_count_advice(run: Path, old_world: int, old_batch: int, world: int, batch: int) -> str:
     """Why another process count is refused, with the command that keeps the global batch."""
     total = old_world * old_batch
-    launch = lambda n: f"torchrun --nproc_per_node={n} main.py" if n > 1 else "python main.py"
     fix = (f"keep it with: {launch(world)} --resume {run} --batch-size {total // world}"
            if total % world == 0 else
            f"{world} processes can't share it; resume with {old_world}: {launch(old_world)} --resume {run}")
@@ -297,7 +301,8 @@ def damaged_last(run: Path, err: UsageError) -> str:
     best = run / "checkpoints" / "best.pt"
     try:
         fix = (f"its best.pt (epoch {load_checkpoint(best)['epoch']}) is intact: continue from it in "
-               f"a new folder with python main.py --resume {best} --out-dir NEW_FOLDER")
+               f"a new folder with {launch(int(os.environ.get('WORLD_SIZE', '1')))} --resume {best} "
+               f"--out-dir NEW_FOLDER")
     except (UsageError, KeyError):
         fix = "there is no intact best.pt either: start a new run with another --out-dir"
     reason = first_line(err.__cause__) if err.__cause__ else str(err)
@@ -323,7 +328,7 @@ def main(argv=None) -> dict:
         check(len(train_set) >= B * world,
               f"an epoch of {len(train_set)} sequences gives no full batch of {B} x {world} "
               f"process(es); lower --batch-size or raise --epoch-size")
-        check_step_memory(config, tuple(train_set[0][0].shape[-2:]), device)
+        check_step_memory(config, frame_size(train_set), device)
         if run_dir is None:
             run_dir = broadcast(new_run_dir(config["arch"]) if rank == 0 else None, rank)
         config["world_size"] = world
@@ -390,6 +395,13 @@ def make_datasets(config: dict) -> tuple[Dataset, Dataset]:
     train = MovingMNIST(config["data_root"], True, length=config["epoch_size"], **common)
     val = MovingMNIST(config["data_root"], False, length=config["val_size"], **common)
     return train, val
+
+
+def frame_size(dataset: Dataset) -> tuple[int, int]:
+    """(H, W) of the dataset's frames; Moving MNIST's without drawing a sequence."""
+    if isinstance(dataset, MovingMNIST):
+        return dataset.image_size, dataset.image_size
+    return tuple(dataset[0][0].shape[-2:])
 
 
 def epoch_order(dataset: Dataset, config: dict, epoch: int):
@@ -675,7 +687,7 @@ def validate(model, loader, device, amp_ctx, frames_output: int) -> tuple[float,
 def stop_advice(run: RunFolder, state: TrainState) -> str:
     """What a run stopped for a bad loss holds, and the command that goes on."""
     saved = (f"{run.checkpoints / 'last.pt'} holds epoch {state.epoch} (step {state.step - 1} "
-             f"at most); resume with a lower --lr: python main.py --resume {run.path} --lr LR"
+             f"at most); resume with a lower --lr: {launch(state.world)} --resume {run.path} --lr LR"
              if has_checkpoint(run.path) else
              f"nothing was saved, so the same command with a lower --lr starts {run.path} again")
     return f"stopped without saving. {saved}. Or use --amp none / bf16 instead of fp16"
@@ -751,7 +763,7 @@ def train(config, run, checkpoint, fork_source, train_set, val_set, rank, world,
                 run.save(state.state_dict())
                 message = (f"stopped by {why} at epoch {state.epoch + 1}, step {state.step}; "
                            f"saved {run.checkpoints / 'last.pt'}; continue with the same command "
-                           f"and --resume, or: python main.py --resume {run.path}")
+                           f"and --resume, or: {launch(world)} --resume {run.path}")
                 if why != "the time budget":
                     raise Interrupted(message, stop.signum)
                 log(message)
@@ -786,8 +798,9 @@ def worker_deaths(run: RunFolder):
             raise
         saved = (f"{run.checkpoints / 'last.pt'} holds the last state saved: continue with the same "
                  f"command and --resume" if has_checkpoint(run.path) else "nothing was saved yet")
-        raise UsageError(f"{first_line(err)[:200]} (out of memory?); {saved}; fewer --workers or a "
-                         f"smaller --batch-size need less memory") from None
+        what = str(err).strip().splitlines()[0].rstrip(". ")[:200]
+        raise UsageError(f"{what} (out of memory?); {saved}; fewer --workers or a smaller "
+                         f"--batch-size need less memory") from None
 
 
 def train_epoch(state: TrainState, model, loader, amp_ctx, run: RunFolder, stop: StopRequest,

@@ -48,7 +48,7 @@ def _as_video(x, what):
         raise ValueError(f"{what} must be (B, T, C, H, W), got shape {x.shape}")
     if x.shape[2] not in (1, 3):
         raise ValueError(f"{what} has {x.shape[2]} channels; pictures support 1 (gray) or 3 (RGB)")
-    return np.clip(x, 0.0, 1.0)
+    return np.clip(np.nan_to_num(x, nan=0.0), 0.0, 1.0)  # NaN (diverged weights) drawn black
 
 
 def _check_videos(inputs, targets, preds):
