@@ -17,8 +17,12 @@ from devices import pick_device
 from utils import UsageError
 
 
+_FLAGS = None  # a gloo group for per-step flags: on CPU, so agreeing never waits for the GPU
+
+
 def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device). nccl on CUDA, gloo on CPU."""
+    global _FLAGS
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(device_name)
     if world == 1:
@@ -27,17 +31,22 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    _FLAGS = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     return dist.get_rank(), world, device
 
 
-def close_distributed() -> None:
-    """Leave the process group, if one was joined, once every process got here."""
+def close_distributed(clean: bool = True) -> None:
+    """Leave the process group, if one was joined: once every process got here if `clean`;
+    at once after an error that other processes may not share (they would wait forever)."""
+    global _FLAGS
     if dist.is_initialized():
         # The DDP wrapper sits in reference cycles; free it while its process group
         # lives, or its threads die at interpreter exit.
         gc.collect()
-        dist.barrier()
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
+        _FLAGS = None
 
 
 def parallel(model: torch.nn.Module, device: torch.device, world: int) -> torch.nn.Module:
@@ -63,6 +72,16 @@ def agree(*flags: bool):
     total = all_sum(torch.tensor([float(f) for f in flags], dtype=torch.float64))
     result = [bool(v > 0) for v in total.tolist()]
     return result[0] if len(result) == 1 else result
+
+
+def agree_max(value: int) -> int:
+    """The largest of the processes' values (a no-op in one process). Cheap enough for
+    every step: a CPU all-reduce of one number, which never syncs the GPU."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_FLAGS)
+    return int(t.item())
 
 
 def rank0_first(rank: int, fn, *args):

@@ -25,8 +25,8 @@ from data.mm import load_test_set, make_test_set
 from devices import AMP_CHOICES, CONVS, autocast_context, pick_device, set_up, use_conv
 from metrics import copy_last_frame, format_metrics_table, score
 from model import load_model
-from pictures import save_prediction_figure, save_prediction_gif
-from utils import DEFAULT_DATA_ROOT, ArgumentParser, check, run_cli
+from pictures import picture_format, save_prediction_figure, save_prediction_gif
+from utils import DEFAULT_DATA_ROOT, ArgumentParser, UsageError, check, check_memory, run_cli
 
 
 def parse_args(argv=None):
@@ -46,9 +46,11 @@ def parse_args(argv=None):
                    help="MNIST files for the made test set (default: the run's)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the scores here (default: off)")
     p.add_argument("--figure", default=None, metavar="PNG",
-                   help="prediction figure (default: predictions.png beside --json, or here)")
+                   help="prediction figure, .png, .jpg, .gif, .webp, ... as its name ends "
+                        "(default: predictions.png beside --json, or here)")
     p.add_argument("--gif", default=None, metavar="GIF",
-                   help="animated predictions (default: predictions.gif beside --json, or here)")
+                   help="animated predictions, .gif, .webp or .png (APNG) as its name ends "
+                        "(default: predictions.gif beside --json, or here)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (default: auto)")
     p.add_argument("--batch-size", type=int, default=32, metavar="B", help="(default: 32)")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
@@ -77,6 +79,11 @@ def output_paths(args) -> tuple[Path | None, Path, Path]:
     for flag, path in (("--json", out), ("--figure", figure), ("--gif", gif)):
         if path is not None:
             check_writable(flag, path)
+    for flag, path in (("--figure", figure), ("--gif", gif)):
+        try:
+            picture_format(path, animated=flag == "--gif")
+        except ValueError as err:
+            raise UsageError(f"{flag} {path}: {err}") from None
     return out, figure, gif
 
 
@@ -88,6 +95,9 @@ def test_sequences(args, config: dict, num_digits: list[int]) -> np.ndarray:
         return load_sequences(args.test_set, layout=args.layout)
     root = args.data_root or config.get("data_root", DEFAULT_DATA_ROOT)
     frames = config["frames_input"] + config["frames_output"]
+    size = config["model"]["image_size"]
+    check_memory(args.num * frames * size * size, f"--num {args.num} sequences of {frames} frames "
+                 f"of {size}x{size} px", "lower --num")
     made = make_test_set(root, args.num, num_digits=num_digits, seed=args.seed, n_frames=frames,
                          image_size=config["model"]["image_size"],
                          download=not config.get("no_download", False))  # (T, N, H, W)

@@ -14,6 +14,7 @@ stopping, the training state a checkpoint holds; the LR schedule's shape and its
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import io
 import json
@@ -33,8 +34,8 @@ from data.arrays import SequenceArrayDataset, load_sequences, split_holdout
 from data.mm import MovingMNIST
 from devices import (AMP_CHOICES, CONVS, autocast_context, pick_device, resolve_amp, set_up,
                      synchronize, use_conv)
-from distributed import (agree, all_sum, broadcast, close_distributed, init_distributed, parallel,
-                         rank0_first)
+from distributed import (agree, agree_max, all_sum, broadcast, close_distributed, init_distributed,
+                         parallel, rank0_first)
 from metrics import METRIC_NAMES, score
 from model import build_model, check_preset, count_parameters
 from net_params import get_preset
@@ -43,8 +44,8 @@ from runfolder import RunFolder, has_checkpoint, locate_run, new_run_dir, record
 from schedule import (DECAYING, budget_warning, calibrate, fit_epochs, fit_message, fitted_record,
                       lr_factor, reanchor)
 from training import LOSSES, grad_scaler, train_step
-from utils import (DEFAULT_DATA_ROOT, ArgumentParser, UsageError, check, rng_state, run_cli,
-                   seed_everything, set_rng_state)
+from utils import (DEFAULT_DATA_ROOT, ArgumentParser, UsageError, check, check_memory, first_line,
+                   memory_available, rng_state, run_cli, seed_everything, set_rng_state)
 
 # Flags that a resumed run may change: where and how this process runs, and how long it
 # goes on. --lr too, as the advice after a NaN says; every change is recorded in the run.
@@ -52,6 +53,9 @@ from utils import (DEFAULT_DATA_ROOT, ArgumentParser, UsageError, check, rng_sta
 RESUMABLE = ("data_root", "no_download", "train_data", "device", "workers", "log_every", "conv",
              "amp", "compile", "epochs", "time_budget", "patience", "lr")
 FLAG_KEYS = {"amp": "precision"}  # flags whose config key differs: --amp's is what it resolved to
+# What every run's config holds (a stored config without them is damaged, not a run's).
+REQUIRED_KEYS = ("arch", "model", "epochs", "epoch_size", "batch_size", "lr", "frames_input",
+                 "frames_output", "seed")
 SCHEDULES = ("plateau", "cosine", "onecycle")
 OPTIMIZERS = ("adam", "adamw")
 
@@ -222,17 +226,26 @@ def upgrade_config(stored: dict) -> dict:
     return config
 
 
-def resumed_config(stored: dict, args: argparse.Namespace, given: set[str], run: Path) -> dict:
-    """A run's stored config with the flags given again: experiment flags must repeat their
-    value; RESUMABLE ones may change, and each change is recorded under "resumes".
+def resumed_config(stored: dict, args: argparse.Namespace, given: set[str], run: Path,
+                   source: Path | None = None) -> dict:
+    """A run's stored config (read from `source`, its checkpoint or config.json) with the
+    flags given again: experiment flags must repeat their value; RESUMABLE ones may change,
+    and each change is recorded under "resumes".
 
     The run keeps its precision unless --amp is given again; a given --amp counts as the
     precision it means on this run's device. A run started with --amp auto resolves auto
     again on this device: bf16 from a GPU becomes fp32 on a CPU without native bf16.
+    The process count is part of the experiment through the global batch: another count
+    goes on only with a --batch-size that keeps it.
     """
+    missing = [k for k in REQUIRED_KEYS if k not in stored] if isinstance(stored, dict) else ["all"]
+    check(not missing, f"the config in {source or run} lacks {', '.join(missing)} (damaged, or not "
+                       f"written by main.py), so the run can't be resumed; start a new run with "
+                       f"another --out-dir")
     config = upgrade_config(stored)
     config["time_budget"] = None  # a budget is this process's: only a given one applies
     changed = {}
+    old_world, world = config.get("world_size", 1), int(os.environ.get("WORLD_SIZE", "1"))
     if "amp" in given:
         config["amp_requested"] = args.amp
     again = "amp" in given or config["amp_requested"] == "auto"
@@ -244,15 +257,38 @@ def resumed_config(stored: dict, args: argparse.Namespace, given: set[str], run:
         if flag == "amp":
             new = resolve_amp(config["amp_requested"], pick_device(config["device"]))
         old = config.get(key)
-        if old == new:
+        if old == new or (flag == "batch_size" and world != old_world):
             continue
         check(flag in RESUMABLE, f"--{flag.replace('_', '-')} was {old!r} when {run} started and "
                                  f"can't change on --resume (you gave {new!r}); repeat it or leave "
                                  f"it out, or start a new run with another --out-dir")
         config[key], changed[key] = new, [old, new]
+    if world != old_world:
+        old_batch = config["batch_size"]
+        batch = args.batch_size if "batch_size" in given else old_batch
+        check(world * batch == old_world * old_batch, process_count_advice(run, old_world, old_batch,
+                                                                           world, batch))
+        changed["world_size"], config["world_size"] = [old_world, world], world
+        if batch != old_batch:
+            changed["batch_size"], config["batch_size"] = [old_batch, batch], batch
     if changed:
         config["resumes"] = [*config.get("resumes", []), {"changed": changed}]
     return config
+
+
+def launch(world: int) -> str:
+    """The command that starts main.py in `world` processes."""
+    return f"torchrun --nproc_per_node={world} main.py" if world > 1 else "python main.py"
+
+
+def process_count_advice(run: Path, old_world: int, old_batch: int, world: int, batch: int) -> str:
+    """Why another process count is refused, with the command that keeps the global batch."""
+    total = old_world * old_batch
+    fix = (f"keep it with: {launch(world)} --resume {run} --batch-size {total // world}"
+           if total % world == 0 else
+           f"{world} processes can't share it; resume with {old_world}: {launch(old_world)} --resume {run}")
+    return (f"{run} trained with {old_world} process(es) of --batch-size {old_batch}, a global batch "
+            f"of {total}; {world} x {batch} would change the experiment: {fix}")
 
 
 def plan_run(args: argparse.Namespace, given: set[str]) -> tuple[dict, Path | None, dict | None, Path | None]:
@@ -265,19 +301,38 @@ def plan_run(args: argparse.Namespace, given: set[str]) -> tuple[dict, Path | No
         args.epoch_size = None  # one global batch, set by resolve_config
     where = locate_run(args.resume, args.out_dir)
     if where.checkpoint is None:
+        if where.restart is not None:  # a run that stopped before its first checkpoint starts again
+            return (resumed_config(where.restart, args, given, where.folder, where.folder / "config.json"),
+                    where.folder, None, None)
         return resolve_config(args), where.folder, None, None
-    if not where.checkpoint.is_file():  # a run that failed before its first checkpoint starts again
-        stored = json.loads((where.source / "config.json").read_text())
-        return resumed_config(stored, args, given, where.source), where.source, None, None
-    checkpoint = load_checkpoint(where.checkpoint)
+    try:
+        checkpoint = load_checkpoint(where.checkpoint)
+    except UsageError as err:
+        if not where.in_place:
+            raise
+        raise UsageError(damaged_last(where.source, err)) from None
     check("optimizer" in checkpoint, f"{where.checkpoint} holds no optimizer state (a converted or "
                                      f"exported model?); evaluate it with evaluate.py, or start a new run")
-    config = resumed_config(checkpoint["config"], args, given, where.source or where.checkpoint)
+    config = resumed_config(checkpoint["config"], args, given, where.source or where.checkpoint,
+                            where.checkpoint)
     if "history" not in checkpoint:  # written before checkpoints carried it
         checkpoint["history"] = recorded_history(where.source, checkpoint["epoch"])
     if not where.in_place:
         config["forked_from"] = str(where.checkpoint)
     return config, where.folder, checkpoint, None if where.in_place else where.source
+
+
+def damaged_last(run: Path, err: UsageError) -> str:
+    """One line for a last.pt that doesn't load: how to go on from best.pt, if it does."""
+    best = run / "checkpoints" / "best.pt"
+    try:
+        fix = (f"its best.pt (epoch {load_checkpoint(best)['epoch']}) is intact: continue from it in "
+               f"a new folder with {launch(int(os.environ.get('WORLD_SIZE', '1')))} --resume {best} "
+               f"--out-dir NEW_FOLDER")
+    except (UsageError, KeyError):
+        fix = "there is no intact best.pt either: start a new run with another --out-dir"
+    reason = first_line(err.__cause__) if err.__cause__ else str(err)
+    return f"{run / 'checkpoints' / 'last.pt'} is damaged ({reason[:150]}); {fix}"
 
 
 # ----------------------------------------------------------------------------------------
@@ -287,6 +342,7 @@ def main(argv=None) -> dict:
     args, given = parse_args(argv)
     config, run_dir, checkpoint, fork_source = plan_run(args, given)
     rank, world, device = init_distributed(config["device"])
+    clean = False  # every process ends alike: leave the process group together
     try:
         # What --amp means on this device, --conv checked against it, and the process-wide
         # speed settings for it, chosen once (docs/speed.md).
@@ -298,13 +354,42 @@ def main(argv=None) -> dict:
         check(len(train_set) >= B * world,
               f"an epoch of {len(train_set)} sequences gives no full batch of {B} x {world} "
               f"process(es); lower --batch-size or raise --epoch-size")
+        check_step_memory(config, frame_size(train_set), device)
         if run_dir is None:
             run_dir = broadcast(new_run_dir(config["arch"]) if rank == 0 else None, rank)
         config["world_size"] = world
-        return train(config, RunFolder(run_dir, rank == 0), checkpoint, fork_source, train_set,
-                     val_set, rank, world, device, memory_format)
+        result = train(config, RunFolder(run_dir, rank == 0), checkpoint, fork_source, train_set,
+                       val_set, rank, world, device, memory_format)
+        clean = True
+        return result
+    except Interrupted:
+        clean = True
+        raise
     finally:
-        close_distributed()
+        close_distributed(clean)
+
+
+def check_step_memory(config: dict, frame: tuple[int, int], device: torch.device) -> None:
+    """Refuse, before anything starts, a training step that can't fit in memory.
+
+    The estimate is a lower bound: every stage's hidden state at every frame of the batch,
+    which the backward pass keeps, in float32 (the gates and convolutions need several times
+    more). Frames of 4096x4096 px make it hundreds of GiB at --batch-size 1.
+    """
+    height, width = frame
+    B, T = config["batch_size"], config["frames_input"] + config["frames_output"]
+    needed, stride = 0, 1
+    for stage in config["model"]["stages"]:
+        stride *= stage["down"]["stride"]
+        needed += B * T * stage["hidden"] * (height // stride) * (width // stride) * 4
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    elif device.type == "cpu":
+        available = memory_available()
+    else:
+        return
+    check_memory(needed, f"a training step of --batch-size {B} on {T} frames of {height}x{width} px",
+                 "lower --batch-size, or use smaller frames", available)
 
 
 # ----------------------------------------------------------------------------------------
@@ -338,43 +423,83 @@ def make_datasets(config: dict) -> tuple[Dataset, Dataset]:
     return train, val
 
 
-def epoch_order(dataset: Dataset, config: dict, epoch: int) -> list:
-    """An epoch's samples in step order. A Moving MNIST sample is a function of (seed, epoch,
-    index): the sampler yields (epoch, index), which persistent workers read too. A fixed
-    array is shuffled by a generator keyed on (seed, epoch)."""
+def frame_size(dataset: Dataset) -> tuple[int, int]:
+    """(H, W) of the dataset's frames; Moving MNIST's without drawing a sequence."""
     if isinstance(dataset, MovingMNIST):
-        return [(epoch, i) for i in range(len(dataset))]
+        return dataset.image_size, dataset.image_size
+    return tuple(dataset[0][0].shape[-2:])
+
+
+def epoch_order(dataset: Dataset, config: dict, epoch: int):
+    """An epoch's samples in step order. A Moving MNIST sample is a function of (seed, epoch,
+    index): the sampler yields (epoch, index), which persistent workers read too, made on
+    demand so that an epoch of any --epoch-size takes no memory. A fixed array is shuffled
+    by a generator keyed on (seed, epoch)."""
+    if isinstance(dataset, MovingMNIST):
+        return EpochIndices(epoch, len(dataset))
     g = torch.Generator().manual_seed(config["seed"] * 1_000_003 + epoch)
     return torch.randperm(len(dataset), generator=g).tolist()
 
 
-def rank_share(order: list, batch: int, rank: int, world: int) -> list:
-    """This process's samples of `order`: step s covers positions s*B*world ... of it, and
-    rank r takes the r-th slice of B. So N processes of batch B see exactly the sequences
-    that one process of batch N*B sees."""
-    steps = len(order) // (batch * world)
-    return [order[s * batch * world + rank * batch + j] for s in range(steps) for j in range(batch)]
+class EpochIndices:
+    """(epoch, 0), (epoch, 1), ... (epoch, n - 1), as a sequence that stores none of them."""
+
+    def __init__(self, epoch: int, n: int):
+        self.epoch, self.n = epoch, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i: int):
+        return (self.epoch, i)
 
 
 class EpochSampler:
-    """The indices of the current epoch; one DataLoader (and its workers) serves all epochs."""
+    """This process's samples of the current epoch, from `start` on; one DataLoader (and its
+    workers) serves all epochs.
+
+    Step s covers positions start + s*B*world ... of `order`, and rank r takes the r-th
+    slice of B. So N processes of batch B see exactly the sequences that one process of
+    batch N*B sees.
+    """
 
     def __init__(self):
-        self.indices = []
+        self.order, self.start, self.batch, self.rank, self.world = [], 0, 1, 0, 1
 
-    def __iter__(self):
-        return iter(self.indices)
+    def set(self, order, start: int, batch: int, rank: int, world: int) -> None:
+        self.order, self.start, self.batch, self.rank, self.world = order, start, batch, rank, world
 
     def __len__(self):
-        return len(self.indices)
+        return (len(self.order) - self.start) // (self.batch * self.world) * self.batch
+
+    def __iter__(self):
+        for step in range(len(self) // self.batch):
+            first = self.start + step * self.batch * self.world + self.rank * self.batch
+            for j in range(self.batch):
+                yield self.order[first + j]
 
 
 # ----------------------------------------------------------------------------------------
 # Training state: what a checkpoint holds
 
+# Frames lie in [0, 1], so a prediction in that range has a per-pixel loss of at most 1 (2
+# for mse+l1). A loss above that and 1000 times its first logged value comes from weights
+# that left the data's range: --lr 10 gets there within tens of steps, and never recovers.
+DIVERGED, LOSS_BOUND = 1e3, 2.0
+
+
 class EarlyStopping:
+    """Stop when the val loss hasn't improved for `patience` epochs, or at once when the
+    training loss diverged (DIVERGED times its first logged value, the run's reference)."""
+
     def __init__(self, patience: int):
         self.patience, self.best, self.bad_epochs = patience, math.inf, 0
+        self.first_loss = None
+
+    def diverged(self, train_loss: float) -> bool:
+        if self.first_loss is None:
+            self.first_loss = train_loss
+        return train_loss > max(DIVERGED * self.first_loss, LOSS_BOUND)
 
     def update(self, val_loss: float) -> bool:
         """Record an epoch; True if it is the best so far."""
@@ -389,10 +514,11 @@ class EarlyStopping:
         return self.bad_epochs >= self.patience
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "bad_epochs": self.bad_epochs}
+        return {"best": self.best, "bad_epochs": self.bad_epochs, "first_loss": self.first_loss}
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.bad_epochs = state["best"], state["bad_epochs"]
+        self.first_loss = state.get("first_loss")
 
 
 class TrainState:
@@ -490,28 +616,34 @@ class TrainState:
 
 
 # ----------------------------------------------------------------------------------------
-# Stopping early: Ctrl-C, SIGTERM and the time budget
+# Stopping early: signals, the time budget, and DataLoader workers that leave the signals alone
+
+# Ctrl-C; scancel, a job's end and torchrun passing either on; a closed ssh session; Slurm's
+# warning before the time limit (--signal=USR1@SECONDS). Windows has the first two only.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1")
+                     if hasattr(signal, name))
+
 
 class StopRequest:
-    """Ctrl-C or SIGTERM ask the loop to stop after the current step and save where it is;
-    a second Ctrl-C stops at once."""
+    """A stop signal asks the loop to stop after the current step and save where it is;
+    a second Ctrl-C stops at once. `signum` is the signal's number, 0 without one."""
 
     def __init__(self):
-        self.signal = None
+        self.signum = 0
 
     def __enter__(self):
         self._old = {}
         try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handle)
         except ValueError:  # not the main thread: leave signals alone
             pass
         return self
 
     def _handle(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:
+        if self.signum and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
+        self.signum = self.signum or signum
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
@@ -519,7 +651,35 @@ class StopRequest:
 
 
 class Interrupted(KeyboardInterrupt):
-    """A run stopped by Ctrl-C or SIGTERM after saving; the message says how to resume."""
+    """A run stopped by a signal after saving; the message says how to resume, and the
+    exit code is 128 + the signal's number, as a shell reports a process it ended."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's worker_init_fn: a signal to the whole process group (Ctrl-C,
+    scancel) is the main process's to handle; a worker it killed would crash the run."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class Loader(DataLoader):
+    """A DataLoader whose workers start with the stop signals blocked (and then ignore them,
+    see ignore_stop_signals), so that no signal kills one before it can ignore it."""
+
+    def __iter__(self):
+        if not self.num_workers or not hasattr(signal, "pthread_sigmask"):
+            return super().__iter__()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # forked workers inherit it
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # pending signals arrive here
 
 
 # ----------------------------------------------------------------------------------------
@@ -539,15 +699,25 @@ def validate(model, loader, device, amp_ctx, frames_output: int) -> tuple[float,
     return (loss[0] / loss[1]).item(), metrics.compute(), scores.first_batch
 
 
-def check_finite(value: float, what: str, step: int, run: RunFolder, state: TrainState) -> None:
-    if math.isfinite(value):
-        return
+def stop_advice(run: RunFolder, state: TrainState) -> str:
+    """What a run stopped for a bad loss holds, and the command that goes on."""
     saved = (f"{run.checkpoints / 'last.pt'} holds epoch {state.epoch} (step {state.step - 1} "
-             f"at most); resume with a lower --lr: python main.py --resume {run.path} --lr LR"
+             f"at most); resume with a lower --lr: {launch(state.world)} --resume {run.path} --lr LR"
              if has_checkpoint(run.path) else
              f"nothing was saved, so the same command with a lower --lr starts {run.path} again")
-    raise UsageError(f"{what} is {value} at step {step}; stopped without saving. {saved}. "
-                     f"Or use --amp none / bf16 instead of fp16")
+    return f"stopped without saving. {saved}. Or use --amp none / bf16 instead of fp16"
+
+
+def check_finite(value: float, what: str, step: int, run: RunFolder, state: TrainState) -> None:
+    if not math.isfinite(value):
+        raise UsageError(f"{what} is {value} at step {step}; {stop_advice(run, state)}")
+
+
+def check_diverged(window: float, step: int, run: RunFolder, state: TrainState) -> None:
+    if state.stopper.diverged(window):
+        raise UsageError(f"the training loss is {window:.3g} at step {step}, over {DIVERGED:g} times "
+                         f"its first logged value {state.stopper.first_loss:.3g}: training diverged; "
+                         f"{stop_advice(run, state)}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -566,10 +736,11 @@ def make_loaders(train_set, val_set, config: dict, device: torch.device, rank: i
     """(sampler, training loader, validation loader): one of each for the whole run, so
     workers can persist; the sampler holds the current epoch's indices."""
     sampler = EpochSampler()
-    kw = dict(batch_size=config["batch_size"], num_workers=config["workers"],
-              pin_memory=device.type == "cuda", persistent_workers=config["workers"] > 0)
+    workers = config["workers"]
+    kw = dict(batch_size=config["batch_size"], num_workers=workers, pin_memory=device.type == "cuda",
+              persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals if workers else None)
     val_shard = Subset(val_set, range(rank, len(val_set), world))  # its sums are all-reduced
-    return sampler, DataLoader(train_set, sampler=sampler, **kw), DataLoader(val_shard, **kw)
+    return sampler, Loader(train_set, sampler=sampler, **kw), Loader(val_shard, **kw)
 
 
 def fit_to_budget(state: TrainState, runnable, datasets, loaders, amp_ctx, deadline: float,
@@ -639,22 +810,24 @@ def train(config, run, checkpoint, fork_source, train_set, val_set, rank, world,
         state = fit_to_budget(state, runnable, (train_set, val_set),
                               (sampler, train_loader, val_loader), amp_ctx, deadline, log)
     first_epoch = state.epoch
-    with run.opened(config, checkpoint, fork_source), StopRequest() as stop:
+    forking = checkpoint is not None and not has_checkpoint(run.path)
+    with run.opened(config, checkpoint, fork_source), StopRequest() as stop, worker_deaths(run):
+        if forking:  # from its start a fork's folder holds a last.pt, to resume or fork again
+            run.save(state.state_dict())
         while state.epoch < config["epochs"]:
             if state.epoch > first_epoch and deadline is not None and agree(time.time() > deadline):
                 log(f"time budget of {config['time_budget']:g} min reached after epoch {state.epoch}")
                 break
             t0 = time.time()
-            order = epoch_order(train_set, config, state.epoch)
-            sampler.indices = rank_share(order[state.position:], B, rank, world)
+            sampler.set(epoch_order(train_set, config, state.epoch), state.position, B, rank, world)
             why = train_epoch(state, runnable, train_loader, amp_ctx, run, stop, deadline)
             if why:
                 run.save(state.state_dict())
                 message = (f"stopped by {why} at epoch {state.epoch + 1}, step {state.step}; "
                            f"saved {run.checkpoints / 'last.pt'}; continue with the same command "
-                           f"and --resume, or: python main.py --resume {run.path}")
+                           f"and --resume, or: {launch(world)} --resume {run.path}")
                 if why != "the time budget":
-                    raise Interrupted(message)
+                    raise Interrupted(message, stop.signum)
                 log(message)
                 break
             val_loss, metrics, first = validate(runnable, val_loader, device, amp_ctx,
@@ -679,13 +852,31 @@ def train(config, run, checkpoint, fork_source, train_set, val_set, rank, world,
     return state.history[-1] if state.history else {}
 
 
+@contextlib.contextmanager
+def worker_deaths(run: RunFolder):
+    """A DataLoader worker that dies (killed for memory, mostly) ends the run with one line;
+    last.pt stays the last state saved. PyTorch reports it as a RuntimeError from the loader,
+    or from its SIGCHLD handler wherever the main process is."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "DataLoader worker" not in str(err):
+            raise
+        saved = (f"{run.checkpoints / 'last.pt'} holds the last state saved: continue with the same "
+                 f"command and --resume" if has_checkpoint(run.path) else "nothing was saved yet")
+        what = str(err).strip().splitlines()[0].rstrip(". ")[:200]
+        raise UsageError(f"{what} (out of memory?); {saved}; fewer --workers or a smaller "
+                         f"--batch-size need less memory") from None
+
+
 def train_epoch(state: TrainState, model, loader, amp_ctx, run: RunFolder, stop: StopRequest,
                 deadline: float | None) -> str | None:
     """Train the rest of the current epoch. Returns why it stopped early, or None at its end.
 
     The device syncs only every --log-every steps (and at the epoch's last step): then the
-    loss is logged, and all processes agree whether to stop (budget or signal), so that
-    they stop at the same step.
+    loss is logged, and all processes agree whether the budget is over. Whether a signal
+    came, they agree after every step (a CPU all-reduce of one number), so that all stop at
+    the step after the first one that got it, well within torchrun's grace period.
     """
     config, B, world = state.config, state.config["batch_size"], state.world
     device, log_every = state.device, config["log_every"]
@@ -699,19 +890,21 @@ def train_epoch(state: TrainState, model, loader, amp_ctx, run: RunFolder, stop:
         targets = targets.to(device, non_blocking=True)
         state.train_step(model, inputs, targets, amp_ctx)
         state.position += B * world
-        if k % log_every and k != steps and not (world == 1 and stop.signal):
+        signum = agree_max(stop.signum) if world > 1 else stop.signum
+        if k % log_every and k != steps and not signum:
             continue
-        late, signalled = agree(deadline is not None and time.time() > deadline,
-                                stop.signal is not None)
+        late = agree(deadline is not None and time.time() > deadline)
         total = sum(state.epoch_losses())
         window = (total - logged[1]) / (world * (state.step - logged[0]))
         check_finite(window, "the training loss", state.step, run, state)
+        check_diverged(window, state.step, run, state)
         run.log(state.step, {"train/loss": window, "train/lr": state.lr})
         bar.set_postfix(loss=f"{window:.5f}", seq_s=f"{k * B * world / (time.time() - t0):.1f}")
         logged = (state.step, total)
-        if signalled or (late and k != steps):
+        if signum or (late and k != steps):
             bar.close()
-            return (stop.signal or "a signal") if signalled else "the time budget"
+            stop.signum = signum  # another process's, under torchrun
+            return signal.Signals(signum).name if signum else "the time budget"
     bar.close()
     return None
 

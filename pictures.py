@@ -1,10 +1,12 @@
-"""Pictures of predictions: a grid of input, truth and prediction rows, as a PNG or an animated GIF.
+"""Pictures of predictions: a grid of input, truth and prediction rows as a figure, and an animation.
 
 Inputs are (B, T, C, H, W) tensors or arrays in [0, 1], C = 1 (gray) or 3 (RGB). Files
-are written atomically.
+are written atomically, in the format their name's extension says (picture_format).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +18,26 @@ BACKGROUND = 224  # light gray between frames, distinct from MNIST's black backg
 LABEL_BACKGROUND = 255
 ROW_LABELS = ("input", "truth", "prediction")
 
+# Pillow formats for gray and RGB pictures, and those of them that hold an animation (PNG
+# as APNG); which one a file gets is its extension's.
+FIGURE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "PDF")
+ANIMATION_FORMATS = ("GIF", "WEBP", "PNG")
+SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"lossless": True}}  # sharp pixels, not blur
+
+
+def picture_format(path, animated: bool = False) -> str:
+    """The Pillow format of `path`'s extension (.png, .jpg, .gif, .webp, ...). Raises
+    ValueError, naming the extensions that work, for one it can't write (or, `animated`,
+    one that can't hold an animation)."""
+    suffix = Path(path).suffix.lower()
+    fmt = Image.registered_extensions().get(suffix)
+    allowed, saving = (ANIMATION_FORMATS, Image.SAVE_ALL) if animated else (FIGURE_FORMATS, Image.SAVE)
+    if fmt in allowed and fmt in saving:
+        return fmt
+    what = (f"{fmt} can't hold an animation" if fmt in FIGURE_FORMATS else
+            f"{suffix} is not a picture format this writes" if suffix else "the name has no extension")
+    raise ValueError(f"{what}; end the name in {'.gif, .webp or .png' if animated else '.png, .jpg, .gif or .webp'}")
+
 
 def _as_video(x, what):
     """Tensor or array (B, T, C, H, W) -> float32 numpy array clipped to [0, 1]."""
@@ -26,7 +48,7 @@ def _as_video(x, what):
         raise ValueError(f"{what} must be (B, T, C, H, W), got shape {x.shape}")
     if x.shape[2] not in (1, 3):
         raise ValueError(f"{what} has {x.shape[2]} channels; pictures support 1 (gray) or 3 (RGB)")
-    return np.clip(x, 0.0, 1.0)
+    return np.clip(np.nan_to_num(x, nan=0.0), 0.0, 1.0)  # NaN (diverged weights) drawn black
 
 
 def _check_videos(inputs, targets, preds):
@@ -95,10 +117,12 @@ def _upscale(image, scale):
 
 
 def save_prediction_figure(path, inputs, targets, preds, *, max_sequences=4, pad=2, scale=2):
-    """Write prediction_grid as a PNG, enlarged `scale` times (nearest neighbour), with row labels.
+    """Write prediction_grid enlarged `scale` times (nearest neighbour), with row labels, as
+    a PNG, JPEG, ... as the extension says (picture_format).
 
     Shapes as in prediction_grid. Parent directories are created; the write is atomic.
     """
+    fmt = picture_format(path)
     grid, spans = _grid(inputs, targets, preds, max_sequences, pad)
     grid = _upscale(grid, scale)
     mode = "RGB" if grid.ndim == 3 else "L"
@@ -115,17 +139,19 @@ def save_prediction_figure(path, inputs, targets, preds, *, max_sequences=4, pad
         _, text_h = _text_size(draw, label)
         y = (top + bottom) * scale // 2 - text_h // 2
         draw.text((margin, y), label, fill=ink)
-    atomic_write(path, lambda f: figure.save(f, format="PNG"))
+    atomic_write(path, lambda f: figure.save(f, format=fmt, **SAVE_OPTIONS.get(fmt, {})))
 
 
 def save_prediction_gif(path, inputs, targets, preds, *, max_sequences=4, duration_ms=200, pad=2, scale=2):
-    """Write an animated GIF with one pair [input-or-truth | prediction] per sequence.
+    """Write an animation with one pair [input-or-truth | prediction] per sequence, as a GIF,
+    WebP or APNG as the extension says (picture_format).
 
-    inputs (B, T_in, C, H, W); targets and preds (B, T_out, C, H, W). The GIF has
+    inputs (B, T_in, C, H, W); targets and preds (B, T_out, C, H, W). The animation has
     T_in + T_out frames: first each input frame beside a blank, then each true frame
     beside its prediction (clipped to [0, 1]). A caption names the phase and frame number.
     Parent directories are created; the write is atomic.
     """
+    fmt = picture_format(path, animated=True)
     inputs, targets, preds = _check_videos(inputs, targets, preds)
     n = min(inputs.shape[0], max_sequences)
     t_in, t_out = inputs.shape[1], targets.shape[1]
@@ -164,8 +190,8 @@ def save_prediction_gif(path, inputs, targets, preds, *, max_sequences=4, durati
 
     def write(f):
         # Pillow merges identical consecutive frames; the frame number in the caption
-        # keeps every frame distinct, so the GIF always has T_in + T_out frames.
-        frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
-                       duration=duration_ms, loop=0)
+        # keeps every frame distinct, so the animation always has T_in + T_out frames.
+        frames[0].save(f, format=fmt, save_all=True, append_images=frames[1:],
+                       duration=duration_ms, loop=0, **SAVE_OPTIONS.get(fmt, {}))
 
     atomic_write(path, write)

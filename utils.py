@@ -1,4 +1,4 @@
-"""Small helpers every entry point needs: user errors and the CLI wrapper, text tables, RNG state.
+"""Small helpers every entry point needs: user errors, warnings and the CLI wrapper, memory checks, text tables, RNG state.
 
 Imports only the standard library, numpy and torch, so that the model files may use it
 (model.py, net_params.py) without pulling in plotting or metrics libraries.
@@ -7,6 +7,8 @@ Imports only the standard library, numpy and torch, so that the model files may 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 
 import numpy as np
@@ -34,16 +36,76 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_cli(main, argv=None) -> int:
-    """Run a CLI's main(argv): user errors become one `error: ...` line and exit code 1."""
-    try:
-        main(sys.argv[1:] if argv is None else argv)
-    except (UsageError, OSError) as err:  # OSError: a path the user named can't be read or written
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as err:  # main.py's message says how to resume
-        print(f"interrupted: {err}" if str(err) else "interrupted", file=sys.stderr)
-        return 130
+    """Run a CLI's main(argv): user errors become one `error: ...` line and exit code 1.
+
+    A stop by a signal exits with 128 + its number, as shells report it (main.py's
+    message says how to resume). Output that can't be written (a full disk behind
+    `> log`, a `| tee` that died) is dropped instead of stopping the command.
+    """
+    with quiet_streams():
+        try:
+            main(sys.argv[1:] if argv is None else argv)
+        except (UsageError, OSError) as err:  # OSError: a path the user named can't be read or written
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt as err:
+            print(f"interrupted: {err}" if str(err) else "interrupted", file=sys.stderr)
+            return getattr(err, "exit_code", 130)  # 130: SIGINT's
     return 0
+
+
+def warn(message: str) -> None:
+    """One `warning: ...` line on stderr: something the user should know, that doesn't stop the run."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class QuietStream:
+    """A text stream (stdout, stderr) whose writes never raise: after the first failure it
+    is dropped, and its file descriptor points at the null device so that the
+    interpreter's last flush at exit succeeds too."""
+
+    def __init__(self, stream):
+        self.stream, self.failed = stream, None
+
+    def _drop(self, err: Exception) -> None:
+        self.failed = err
+        with contextlib.suppress(Exception):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
+
+    def write(self, text):
+        if self.failed is None:
+            try:
+                return self.stream.write(text)
+            except (OSError, ValueError) as err:  # ENOSPC, EPIPE, EIO; ValueError: closed
+                self._drop(err)
+        return len(text)
+
+    def flush(self):
+        if self.failed is None:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError) as err:
+                self._drop(err)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def quiet_streams():
+    """sys.stdout and sys.stderr as QuietStreams for the duration of a `with` block."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (s if s is None or isinstance(s, QuietStream) else QuietStream(s)
+                              for s in saved)
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        sys.stdout, sys.stderr = saved
 
 
 def check(condition: bool, message: str) -> None:
@@ -62,6 +124,48 @@ def first_line(err: BaseException) -> str:
         text = text.split(marker, 1)[1].split(". Please", 1)[0]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+# ---------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------
+
+
+def memory_available() -> int | None:
+    """Bytes of RAM this process can still get (Linux: MemAvailable, within a cgroup's
+    limit), the machine's total elsewhere, or None where neither is known."""
+    available = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    with contextlib.suppress(OSError, ValueError):  # cgroup v2: a container's limit
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            used = int(open("/sys/fs/cgroup/memory.current").read())
+            room = max(int(limit) - used, 0)
+            available = room if available is None else min(available, room)
+    if available is None:
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return available
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def check_memory(needed: int, what: str, fix: str, available: int | None = None) -> None:
+    """UsageError if `what` needs more than the memory available (RAM unless `available`
+    is given): `fix` says which flag to change."""
+    available = memory_available() if available is None else available
+    check(available is None or needed <= available,
+          f"{what} needs about {format_bytes(needed)} of memory, but "
+          f"{format_bytes(available or 0)} is available; {fix}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from checkpoints import atomic_write
 from data.arrays import load_npy
-from utils import DEFAULT_DATA_ROOT, ArgumentParser, UsageError, check, run_cli
+from utils import DEFAULT_DATA_ROOT, ArgumentParser, UsageError, check, check_memory, run_cli
 
 # -----------------------------------------------------------------------------
 # files and where to get them
@@ -465,6 +465,9 @@ def main(argv=None):
     check(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
     check(not out.is_dir(), f"--out {out} is a directory; name a .npy file in it")
     check(out.suffix == ".npy", f"--out {out} must end in .npy")
+    check_memory(args.num * args.n_frames * args.image_size ** 2,
+                 f"--num {args.num} sequences of --n-frames {args.n_frames} at --image-size "
+                 f"{args.image_size}", "lower --num or --image-size")
     arr = make_test_set(args.root, args.num, args.num_digits, args.seed, args.n_frames,
                         args.image_size, download=not args.no_download)
     atomic_write(out, lambda f: np.save(f, arr))

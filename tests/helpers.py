@@ -31,3 +31,30 @@ def small_original(cell: str, **options) -> Preset:
                       up=Conv(12, 12, 4, stride=2, transposed=True))],
         head=[Conv(4, 1, 1)], cell_kernel=3, norm="group", cell_options=options,
         image_size=16)
+
+
+# A child process that runs main.py with a pause after every training step, long enough for a
+# signal to arrive mid-epoch, and appends the step's number to the file in argv[1] (rank 0's,
+# under torchrun). Run it as `python slow_steps.py STEPS_FILE SECONDS MAIN_FLAGS...` with the
+# repository on PYTHONPATH (write it to a file first: torchrun needs a script).
+SLOW_STEPS = """
+import os, sys, time
+import main
+from utils import run_cli
+real, steps = main.train_step, [0]
+def slow(*args, **kwargs):
+    loss = real(*args, **kwargs)
+    steps[0] += 1
+    if os.environ.get("RANK", "0") == "0":
+        with open(sys.argv[1], "a") as f:
+            f.write(f"{steps[0]}\\n")
+    time.sleep(float(sys.argv[2]))
+    return loss
+main.train_step = slow
+sys.exit(run_cli(main.main, sys.argv[3:]))
+"""
+
+
+def steps_done(path) -> int:
+    """How many steps a SLOW_STEPS child reported."""
+    return len(path.read_text().split()) if path.exists() else 0

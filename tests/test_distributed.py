@@ -1,11 +1,15 @@
-"""torchrun with 2 CPU processes (gloo on 127.0.0.1) against one process, tiny preset."""
+"""torchrun with 2 CPU processes (gloo on 127.0.0.1) against one process, tiny preset: the
+same numbers, one run folder, exact resume after a budget stop or SIGTERM, and the process
+count as part of the experiment."""
 
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,7 @@ from torch.utils.data import DataLoader
 import main
 from checkpoints import load_checkpoint
 from devices import autocast_context
+from helpers import SLOW_STEPS, said, steps_done
 from model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,13 +39,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args, nproc=2):
+def torchrun_command(*args, nproc=2, script="main.py"):
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONWARNINGS="ignore")
+    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONWARNINGS="ignore",
+               PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            "--nnodes=1", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-           "main.py", *args]
+           str(script), *map(str, args)]
+    return cmd, env
+
+
+def torchrun(*args, nproc=2):
+    cmd, env = torchrun_command(*args, nproc=nproc)
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
@@ -115,10 +126,49 @@ def test_checkpoints_move_between_process_counts(runs, tmp_path):
     shutil.copytree(runs / "split", tmp_path / "to_one")
     ckpt = load_checkpoint(tmp_path / "to_one" / "checkpoints" / "last.pt")
     assert ckpt["epoch"] == 2
-    result = main.main(["--resume", str(tmp_path / "to_one"), "--epochs", "3", "--workers", "0"])
+    # (with the --batch-size that keeps the global batch: the process count is part of the
+    # experiment, and a resume that changes it is recorded)
+    result = main.main(["--resume", str(tmp_path / "to_one"), "--epochs", "3", "--workers", "0",
+                        "--batch-size", "2"])
     assert result["epoch"] == 3
+    resumed = json.loads((tmp_path / "to_one" / "config.json").read_text())["resumes"][-1]["changed"]
+    assert resumed["world_size"] == [2, 1] and resumed["batch_size"] == [1, 2]
     # ... and written by 1, resumed by 2.
     shutil.copytree(runs / "one", tmp_path / "to_two")
-    torchrun("--resume", "--out-dir", str(tmp_path / "to_two"), "--epochs", "3")
+    torchrun("--resume", "--out-dir", str(tmp_path / "to_two"), "--epochs", "3", "--batch-size", "1")
     assert [l["epoch"] for l in lines(tmp_path / "to_two")] == [1, 2, 3]
     assert load_checkpoint(tmp_path / "to_two" / "checkpoints" / "last.pt")["config"]["world_size"] == 2
+
+
+def test_sigterm_to_torchrun_saves_mid_epoch_on_rank_0_and_the_resume_equals_no_stop(runs, mnist_root,
+                                                                                      tmp_path):
+    """torchrun passes SIGTERM to its processes and kills them 30 s later: they must agree on
+    a stop within a step (--log-every 100: not at a log point) and save in time."""
+    run, steps, script = tmp_path / "run", tmp_path / "steps", tmp_path / "slow_steps.py"
+    script.write_text(SLOW_STEPS)
+    flags = [*common(mnist_root), "--batch-size", "1", "--epochs", "2", "--out-dir", str(run)]
+    cmd, env = torchrun_command(steps, 1.0, *flags, "--log-every", "100", script=script)
+    err = tmp_path / "stderr.txt"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err.open("w"))
+    while steps_done(steps) < 3:  # the first step of epoch 2, in its pause
+        assert proc.poll() is None, err.read_text()[-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # to the torchrun agent only
+    sent, last = time.time(), run / "checkpoints" / "last.pt"
+    while not last.exists() and time.time() < sent + 30:
+        time.sleep(0.05)
+    assert time.time() - sent < 10, err.read_text()[-3000:]
+    proc.wait(timeout=120)
+    told = [line for line in said(err.read_text()) if line.startswith("interrupted: stopped by SIGTERM")]
+    assert told and "torchrun --nproc_per_node=2 main.py --resume" in told[0]
+    state = load_checkpoint(last)
+    assert (state["epoch"], state["position"], state["step"]) == (1, 2, 3)  # mid-epoch, on rank 0
+    torchrun(*flags, "--resume")
+    straight, resumed = lines(runs / "two"), lines(run)
+    assert [l["epoch"] for l in resumed] == [1, 2]
+    for a, b in zip(straight, resumed):
+        for k in ("train_loss", "val_loss", "mse", "ssim"):
+            assert a[k] == b[k], k
+    a = load_checkpoint(runs / "two" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(last)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -122,13 +122,15 @@ def test_metrics_equal_those_before_the_reorganisation(mnist_root, tmp_path, mon
             assert new[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
-def test_a_taken_folder_is_refused_and_a_failed_one_reused(mnist_root, straight, tmp_path):
+def test_a_taken_folder_is_refused_and_a_failed_one_reused(mnist_root, straight, tmp_path,
+                                                           monkeypatch):
     assert run_cli(main.main, small(mnist_root, straight, "--epochs", "1")) == 1
     # A start that failed before its first checkpoint left only its config: reuse it.
     failed = tmp_path / "failed"
-    failed.mkdir()
-    (failed / "config.json").write_text("{}")
-    (failed / "metrics.jsonl").write_text('{"epoch": 9}\n')
+    real_step = main.train_step
+    monkeypatch.setattr(main, "train_step", lambda *a, **k: real_step(*a, **k) * float("nan"))
+    assert run_cli(main.main, small(mnist_root, failed, "--epochs", "1")) == 1  # nothing saved
+    monkeypatch.setattr(main, "train_step", real_step)
     main.main(small(mnist_root, failed, "--epochs", "1"))
     assert [r["epoch"] for r in lines(failed)] == [1]
 
