@@ -17,7 +17,7 @@ import argparse
 import contextlib
 import copy
 import io
-import json
+import itertools
 import math
 import os
 import signal
@@ -41,8 +41,8 @@ from model import build_model, check_preset, count_parameters
 from net_params import get_preset
 from pictures import prediction_grid
 from runfolder import RunFolder, has_checkpoint, locate_run, new_run_dir, recorded_history
-from schedule import (DECAYING, budget_warning, calibrate, fit_epochs, fit_message, fitted_record,
-                      lr_factor, reanchor)
+from schedule import (CALIBRATION_STEPS, DECAYING, budget_warning, calibrate, fit_epochs, fit_message,
+                      fitted_record, lr_factor, reanchor)
 from training import LOSSES, grad_scaler, train_step
 from utils import (DEFAULT_DATA_ROOT, ArgumentParser, UsageError, check, check_memory, first_line,
                    memory_available, rng_state, run_cli, seed_everything, set_rng_state)
@@ -749,13 +749,15 @@ def fit_to_budget(state: TrainState, runnable, datasets, loaders, amp_ctx, deadl
     before `deadline` (schedule.py), record them in the config, and return a fresh
     training state from the very same start: weights, RNG states, a new optimizer."""
     config, model, device, rank, world = state.config, state.model, state.device, state.rank, state.world
-    (train_set, val_set), (sampler, train_loader, val_loader) = datasets, loaders
+    (train_set, _), (sampler, train_loader, val_loader) = datasets, loaders
     B, start = config["batch_size"], (copy.deepcopy(model.state_dict()), rng_state())
-    share = rank_share(epoch_order(train_set, config, 0), B, rank, world)
+    first = EpochSampler()
+    first.set(epoch_order(train_set, config, 0), 0, B, rank, world)
+    share = list(itertools.islice(first, 4 * CALIBRATION_STEPS * B))  # this process's first batches
     val_shard = val_loader.dataset
 
     def train_steps(n):  # epoch 0's first batches, over again if it has fewer
-        sampler.indices = [share[i % len(share)] for i in range(n * B)]
+        sampler.set([share[i % len(share)] for i in range(n * B)], 0, B, 0, 1)
         for inputs, targets in train_loader:
             state.train_step(runnable, inputs.to(device), targets.to(device), amp_ctx)
 

@@ -289,7 +289,9 @@ def test_native_bf16_detection(monkeypatch, machine, mkldnn, avx512_bf16, amx, n
 
 def resumed(stored: dict, *argv) -> dict:
     args, given = main.parse_args(["--resume", "somewhere", *argv])
-    return main.resumed_config({"device": "cpu", **stored}, args, given, "run")
+    fresh = main.resolve_config(main.parse_args(["--arch", "tiny"])[0])
+    required = {key: fresh[key] for key in main.REQUIRED_KEYS}  # a config main.py would accept
+    return main.resumed_config({**required, "device": "cpu", **stored}, args, given, "run")
 
 
 def test_a_resumed_run_resolves_auto_again_and_keeps_a_precision_asked_for(monkeypatch):
