@@ -234,9 +234,11 @@ def main(argv=None) -> dict:
     if options["balance"]:
         report["balance"] = {"thresholds": options["balance"][0], "weights": options["balance"][1]}
 
-    units = "" if options["value_range"] is None else \
-        f" (in the data's units, value range {options['value_range'][0]:g} to {options['value_range'][1]:g})"
-    print(format_metrics_table(results) + units)
+    if options["value_range"] is not None:
+        lo, hi = options["value_range"]
+        print(f"scores in the data's units (value range {lo:g} to {hi:g}); ssim and psnr on "
+              f"frames mapped to [0, 1]")
+    print(format_metrics_table(results))
     if args.thresholds:
         print("\n" + format_thresholds_table(results) + "\n(means over lead times; per lead time in --json)")
     print(f"{scores.sequences} sequences, {report['seq_per_s']:.1f} seq/s on {device}")

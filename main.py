@@ -362,9 +362,9 @@ def open_train_data(config: dict, guess_layout: bool = True):
     return open_sequences(config["train_data"], config["layout"], guess_layout=guess_layout)
 
 
-def check_train_shape(opened, config: dict, preset: Preset) -> None:
-    """The sequences are long enough and the frames pass the preset's strides (and, for a
-    resumed run, are the ones its model was fitted to)."""
+def check_train_shape(opened, config: dict, preset: Preset, fitted: bool = False) -> None:
+    """The sequences are long enough and the frames pass the preset's strides; `fitted`:
+    they are also the ones the run's model was fitted to (a run that started)."""
     _, T, C, H, W = opened.sequences.shape
     fi, fo = config["frames_input"], config["frames_output"]
     check(min(H, W) >= 7, f"--train-data frames are {H}x{W}; SSIM needs at least 7x7")
@@ -376,8 +376,9 @@ def check_train_shape(opened, config: dict, preset: Preset) -> None:
                         f"(--frames-input, --frames-output) don't fit in sequences of {T} frames; "
                         f"lower them, or check --layout ({opened.layout}: T is axis "
                         f"{opened.layout.index('T') + 1})")
-    if config.get("model"):  # a resumed run: its model was fitted to the data it started on
-        want = frame_size(preset)
+    if fitted:
+        # Runs of versions before --layout fitted only the channels; their image_size is the preset's.
+        want = frame_size(preset) if config["layout"] is not None else (H, W)
         check((C, H, W) == (preset.frame_channels, *want),
               f"--train-data {opened.name} holds frames of {C}x{H}x{W} (CxHxW) but this run's "
               f"model was fitted to {preset.frame_channels}x{want[0]}x{want[1]}; resume with "
@@ -391,7 +392,7 @@ def make_datasets(config: dict, warn: bool = True) -> tuple[Dataset, Dataset]:
     model = config["model"]
     if config["train_data"]:
         opened = open_train_data(config)
-        check_train_shape(opened, config, Preset.from_dict(model))
+        check_train_shape(opened, config, Preset.from_dict(model), fitted=True)
         check_values(opened.raw, opened.name, config["value_range"], config["fill_nan"], warn=warn)
         train_idx, val_idx = split_holdout(len(opened.sequences), config["holdout_fraction"])
         if config.get("dry_run"):

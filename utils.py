@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -33,8 +34,14 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def run_cli(main, argv=None) -> int:
-    """Run a CLI's main(argv): user errors become one `error: ...` line and exit code 1."""
+    """Run a CLI's main(argv): user errors become one `error: ...` line and exit code 1,
+    and warnings (e.g. how many values --value-range clips) one `warning: ...` line."""
+    warnings.formatwarning = _warning_line  # the user reads the message, not our source line
     try:
         main(sys.argv[1:] if argv is None else argv)
     except (UsageError, OSError) as err:  # OSError: a path the user named can't be read or written

@@ -329,9 +329,9 @@ def open_sequences(path_or_array, layout=None, *, guess_layout: bool = True) -> 
     check(arr.size > 0, f"{name}: the array is empty, shape {arr.shape}")
     if layout is None:
         check(arr.ndim != 4 or guess_layout,
-              f"{name}: shape {arr.shape} could be N sequences of T frames (N, T, H, W) or "
-              f"(T, N, H, W) as make-test-set and mnist_test_seq.npy write them; say which "
-              f"with --layout NTHW or --layout TNHW")
+              f"{name}: shape {arr.shape} is 4-D; name its axes with --layout, e.g. NTHW (N "
+              f"sequences of T frames), TNHW (make-test-set's and mnist_test_seq.npy's order) "
+              f"or NHWT (SEVIR's)")
         layout = "NTCHW" if arr.ndim == 5 else "NTHW"
     layout = parse_layout(layout)
     if arr.ndim != len(layout):

@@ -116,7 +116,7 @@ CASES = [
      "--train-data {d}/short.npy: 10 input + 10 output frames (--frames-input, --frames-output)"),
     (TRAIN, ["--train-data", "{d}/odd.npy", "--layout", "NTHW"], "--train-data frames are 30x30"),
     # your own data (issue 20) and its faults (issue 21)
-    (TRAIN, ["--train-data", "{d}/good.npy"], "say which with --layout NTHW or --layout TNHW"),
+    (TRAIN, ["--train-data", "{d}/good.npy"], "good.npy: shape (6, 20, 32, 32) is 4-D; name its axes with --layout, e.g. NTHW"),
     (TRAIN, ["--train-data", "{d}/good.npy", "--layout", "NTCHW"], "layout NTCHW needs 5 dimensions"),
     (TRAIN, ["--train-data", "{d}/good.npy", "--layout", "NTXY"], "--layout: invalid choice"),
     (TRAIN, ["--train-data", "{d}/good.npy", "--layout", "TNHW"],

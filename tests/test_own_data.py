@@ -129,7 +129,7 @@ def test_a_make_test_set_file_trains_by_its_layout(tmp_path, mnist_root, capsys)
     np.save(tmp_path / "tnhw.npy", made)
     np.save(tmp_path / "nthw.npy", made.transpose(1, 0, 2, 3))
     assert run_cli(main.main, tiny(tmp_path / "refused", "--train-data", str(tmp_path / "tnhw.npy"))) == 1
-    assert "--layout TNHW" in said(capsys.readouterr().err)[0] and not (tmp_path / "refused").exists()
+    assert "TNHW (make-test-set's" in said(capsys.readouterr().err)[0] and not (tmp_path / "refused").exists()
     main.main(tiny(tmp_path / "tnhw", "--train-data", str(tmp_path / "tnhw.npy"), "--layout", "TNHW"))
     main.main(tiny(tmp_path / "nthw", "--train-data", str(tmp_path / "nthw.npy"), "--layout", "NTHW"))
     same_numbers(lines(tmp_path / "tnhw"), lines(tmp_path / "nthw"))
@@ -145,6 +145,16 @@ def test_a_preset_fits_any_channel_count_and_frame_size():
     with pytest.raises(UsageError) as err:  # 60 / 4 = 15 px reach stage 2's stride 2
         fit_to_data("tiny", 3, (48, 60))
     assert str(err.value).startswith("stage 2: stride 2 does not divide the 12x15 map it gets")
+
+
+def test_a_resumed_run_refuses_frames_its_model_was_not_fitted_to(tmp_path, capsys):
+    np.save(tmp_path / "a.npy", blobs(6, 6, seed=6) / 70)
+    np.save(tmp_path / "b.npy", blobs(6, 6, h=40, w=40, seed=6) / 70)
+    main.main(tiny(tmp_path / "run", "--train-data", str(tmp_path / "a.npy")))
+    argv = tiny(tmp_path / "run", "--train-data", str(tmp_path / "b.npy"), "--epochs", "2", "--resume")
+    assert run_cli(main.main, argv) == 1  # --train-data may move on resume, its frames may not change
+    assert "was fitted to 1x32x32" in said(capsys.readouterr().err)[0]
+    assert [r["epoch"] for r in lines(tmp_path / "run")] == [1]
 
 
 # ----------------------------------------------------------------------------------------
