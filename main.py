@@ -30,15 +30,17 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from checkpoints import load_checkpoint, load_weights
-from data.arrays import SequenceArrayDataset, load_sequences, split_holdout
+from data.arrays import SequenceArrayDataset, check_values, layout_type, open_sequences, split_holdout
 from data.mm import MovingMNIST
 from devices import (AMP_CHOICES, CONVS, autocast_context, pick_device, resolve_amp, set_up,
                      synchronize, use_conv)
 from distributed import (agree, agree_max, all_sum, broadcast, close_distributed, init_distributed,
                          parallel, rank0_first)
-from metrics import METRIC_NAMES, score
-from model import build_model, check_preset, count_parameters
-from net_params import get_preset
+from metrics import METRIC_NAMES, check_balance, check_thresholds, score
+from model import (build_model, check_preset, count_parameters, fit_to_data, frame_size, to_unit,
+                   total_stride)
+from net_params import Preset, get_preset
+from nowcast import BALANCE_THRESHOLDS, BALANCE_WEIGHTS, SCORE_NAMES
 from pictures import prediction_grid
 from runfolder import RunFolder, has_checkpoint, locate_run, new_run_dir, recorded_history
 from schedule import (CALIBRATION_STEPS, DECAYING, budget_warning, calibrate, fit_epochs, fit_message,
@@ -72,8 +74,22 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-download", action="store_true",
                    help="never download; use only what is in --data-root")
     p.add_argument("--train-data", default=None, metavar="FILE",
-                   help="train on your own .npy/.npz sequences (N,T,H,W) or (N,T,C,H,W) "
-                        "instead of Moving MNIST; its tail is held out (default: off)")
+                   help="train on your own sequences instead of Moving MNIST: FILE.npy, "
+                        "FILE.npz or FILE.h5:DATASET (HDF5, read lazily; needs h5py); the "
+                        "model takes its channel count and frame size; its tail is held out "
+                        "(docs/own-data.md) (default: off)")
+    p.add_argument("--layout", default=None, type=layout_type, metavar="AXES",
+                   help="--train-data's axes in the file's order: N, T, H, W and optionally "
+                        "C, e.g. NTHW, NTCHW, TNHW (make-test-set's) or NHWT (SEVIR) "
+                        "(default: NTCHW for 5-D files; 4-D files must say)")
+    p.add_argument("--value-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="--train-data's values are in their own units (dBZ, mm/h, ...) in "
+                        "[LO, HI], mapped linearly to [0, 1] for training; values outside are "
+                        "clipped; scores and load_model's predictions are in these units "
+                        "(default: uint8 / 255, or floats already in [0, 1])")
+    p.add_argument("--fill-nan", type=float, default=None, metavar="VALUE",
+                   help="replace NaNs (missing pixels) in --train-data by VALUE, in the "
+                        "data's units (default: NaNs are refused)")
     p.add_argument("--holdout-fraction", type=float, default=0.1, metavar="F",
                    help="share of --train-data held out for validation (default: 0.1)")
     p.add_argument("--out-dir", default=None, metavar="DIR",
@@ -84,9 +100,11 @@ def make_parser() -> argparse.ArgumentParser:
                         "length (default: fitted to --time-budget for onecycle and cosine, "
                         "else the preset's, 200 for convlstm)")
     p.add_argument("--epoch-size", type=int, default=None, metavar="N",
-                   help="sequences per epoch (default: the preset's, 10000 for convlstm)")
+                   help="Moving MNIST sequences per epoch; an epoch of --train-data is its "
+                        "whole training part (default: the preset's, 10000 for convlstm)")
     p.add_argument("--val-size", type=int, default=1000, metavar="N",
-                   help="fixed validation sequences from held-out digits (default: 1000)")
+                   help="fixed Moving MNIST validation sequences from held-out digits; "
+                        "--train-data holds out --holdout-fraction instead (default: 1000)")
     p.add_argument("--batch-size", type=int, default=None, metavar="B",
                    help="sequences per step and process (default: the preset's, 16 for convlstm)")
     p.add_argument("--lr", type=float, default=None,
@@ -101,7 +119,20 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=None, metavar="F",
                    help="share of the steps spent warming up (cosine: 0.05, onecycle: 0.3)")
     p.add_argument("--loss", default="mse", choices=LOSSES,
-                   help="per-pixel MSE, or MSE + L1 (default: mse)")
+                   help="per-pixel MSE, MSE + L1, or the balanced B-MSE (+ B-MAE) of Shi et "
+                        "al. 2017 with --balance-thresholds and --balance-weights (default: mse)")
+    p.add_argument("--thresholds", type=float, nargs="+", default=None, metavar="T",
+                   help="also validate with POD, FAR, CSI, HSS and bias at these event "
+                        "thresholds, in the data's units (value >= T is an event): "
+                        "metrics.jsonl and TensorBoard's val/csi@T (default: none)")
+    p.add_argument("--balanced", action="store_true",
+                   help="also validate with B-MSE and B-MAE (Shi et al. 2017) (default: off)")
+    p.add_argument("--balance-thresholds", type=float, nargs="+", default=list(BALANCE_THRESHOLDS),
+                   metavar="T", help="bin edges of B-MSE / B-MAE and the b-mse losses, in the "
+                                     "data's units (default: HKO-7's 2 5 10 30, mm/h)")
+    p.add_argument("--balance-weights", type=float, nargs="+", default=list(BALANCE_WEIGHTS),
+                   metavar="W", help="a weight per bin, one more than --balance-thresholds "
+                                     "(default: HKO-7's 1 2 5 10 30)")
     p.add_argument("--clip", type=float, default=10.0,
                    help="gradient-norm clip; inf turns it off (default: 10)")
     p.add_argument("--patience", type=int, default=20, metavar="N",
@@ -173,6 +204,31 @@ def check_flags(args: argparse.Namespace) -> None:
     check(args.warmup in (None, 0) or args.schedule != "plateau",
           "--warmup needs --schedule cosine or onecycle; plateau has no warm-up")
     check(args.resume != "", "--resume '' names no run; give a run folder or checkpoint, or --resume alone")
+    if args.value_range is not None:
+        lo, hi = args.value_range
+        check(math.isfinite(lo) and math.isfinite(hi) and lo < hi,
+              f"--value-range {lo:g} {hi:g}: LO must be below HI, both finite")
+    check(args.fill_nan is None or math.isfinite(args.fill_nan),
+          f"--fill-nan must be a finite number, got {args.fill_nan}")
+
+
+def check_data_config(config: dict, given: set[str]) -> None:
+    """The settings of your own data and of the nowcasting scores, as the run will use them
+    (a resumed run's own included): one line each, before any work."""
+    if not config["train_data"]:
+        for key in ("layout", "value_range", "fill_nan"):
+            check(config[key] is None,
+                  f"--{key.replace('_', '-')} describes --train-data; give --train-data FILE too "
+                  f"(Moving MNIST is uint8, mapped to [0, 1])")
+    else:
+        for flag in sorted({"epoch_size", "val_size"} & given):
+            raise UsageError(f"--{flag.replace('_', '-')} sets Moving MNIST's sizes; with --train-data "
+                             f"an epoch is every sequence of the file but its held-out tail "
+                             f"(--holdout-fraction); leave --{flag.replace('_', '-')} out")
+    if config["thresholds"]:
+        check_thresholds("--thresholds", config["thresholds"], config["value_range"])
+    if config["balanced"] or config["loss"].startswith("b-"):
+        check_balance(config["balance_thresholds"], config["balance_weights"], config["value_range"])
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
@@ -196,6 +252,14 @@ def resolve_config(args: argparse.Namespace) -> dict:
         if config[key] is not None:
             config[key] = os.path.abspath(config[key])
     config["frames_input"], config["frames_output"] = preset.frames_input, preset.frames_output
+    if config["train_data"]:  # the model takes the data's channels and frame size
+        opened = open_train_data(config, guess_layout=False)
+        n, _, channels, height, width = opened.sequences.shape
+        check_train_shape(opened, config, preset)
+        preset = fit_to_data(preset, channels, (height, width))
+        config["layout"] = opened.layout
+        train, val = split_holdout(n, config["holdout_fraction"])
+        config["epoch_size"], config["val_size"] = len(train), len(val)  # what an epoch is
     config["model"] = preset.to_dict()
     if args.dry_run:  # one global batch
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -208,7 +272,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
 
 # Settings that configs written before a flag existed imply.
 LEGACY = {"optimizer": "adam", "weight_decay": 0.0, "schedule": "plateau", "warmup": 0.0,
-          "loss": "mse", "conv": "direct"}
+          "loss": "mse", "conv": "direct", "layout": None, "value_range": None, "fill_nan": None,
+          "thresholds": None, "balanced": False, "balance_thresholds": list(BALANCE_THRESHOLDS),
+          "balance_weights": list(BALANCE_WEIGHTS)}
 
 
 def upgrade_config(stored: dict) -> dict:
@@ -302,9 +368,11 @@ def plan_run(args: argparse.Namespace, given: set[str]) -> tuple[dict, Path | No
     where = locate_run(args.resume, args.out_dir)
     if where.checkpoint is None:
         if where.restart is not None:  # a run that stopped before its first checkpoint starts again
-            return (resumed_config(where.restart, args, given, where.folder, where.folder / "config.json"),
-                    where.folder, None, None)
-        return resolve_config(args), where.folder, None, None
+            config = resumed_config(where.restart, args, given, where.folder, where.folder / "config.json")
+        else:
+            config = resolve_config(args)
+        check_data_config(config, given)
+        return config, where.folder, None, None
     try:
         checkpoint = load_checkpoint(where.checkpoint)
     except UsageError as err:
@@ -315,6 +383,7 @@ def plan_run(args: argparse.Namespace, given: set[str]) -> tuple[dict, Path | No
                                      f"exported model?); evaluate it with evaluate.py, or start a new run")
     config = resumed_config(checkpoint["config"], args, given, where.source or where.checkpoint,
                             where.checkpoint)
+    check_data_config(config, given)
     if "history" not in checkpoint:  # written before checkpoints carried it
         checkpoint["history"] = recorded_history(where.source, checkpoint["epoch"])
     if not where.in_place:
@@ -349,12 +418,12 @@ def main(argv=None) -> dict:
         config["precision"], memory_format = set_up(device, config["precision"], config["conv"])
         if config["workers"] is None:
             config["workers"] = min(8, (os.cpu_count() or 1) // world) if device.type == "cuda" else 1
-        train_set, val_set = rank0_first(rank, make_datasets, config)
+        train_set, val_set = rank0_first(rank, make_datasets, config, rank == 0)
         B = config["batch_size"]
         check(len(train_set) >= B * world,
               f"an epoch of {len(train_set)} sequences gives no full batch of {B} x {world} "
               f"process(es); lower --batch-size or raise --epoch-size")
-        check_step_memory(config, frame_size(train_set), device)
+        check_step_memory(config, data_frame_size(train_set), device)
         if run_dir is None:
             run_dir = broadcast(new_run_dir(config["arch"]) if rank == 0 else None, rank)
         config["world_size"] = world
@@ -395,23 +464,49 @@ def check_step_memory(config: dict, frame: tuple[int, int], device: torch.device
 # ----------------------------------------------------------------------------------------
 # Data
 
-def make_datasets(config: dict) -> tuple[Dataset, Dataset]:
-    """Training and validation sets; every problem with the data is a UsageError here."""
+def open_train_data(config: dict, guess_layout: bool = True):
+    """--train-data opened in its layout (data.arrays.Opened), its values not read yet."""
+    return open_sequences(config["train_data"], config["layout"], guess_layout=guess_layout)
+
+
+def check_train_shape(opened, config: dict, preset: Preset, fitted: bool = False) -> None:
+    """The sequences are long enough and the frames pass the preset's strides; `fitted`:
+    they are also the ones the run's model was fitted to (a run that started)."""
+    _, T, C, H, W = opened.sequences.shape
+    fi, fo = config["frames_input"], config["frames_output"]
+    check(min(H, W) >= 7, f"--train-data frames are {H}x{W}; SSIM needs at least 7x7")
+    stride = total_stride(preset)
+    check(H % stride == 0 and W % stride == 0,
+          f"--train-data frames are {H}x{W}, but the preset's stages downsample by {stride}; "
+          f"crop them to a multiple of {stride}")
+    check(fi + fo <= T, f"--train-data {opened.name}: {fi} input + {fo} output frames "
+                        f"(--frames-input, --frames-output) don't fit in sequences of {T} frames; "
+                        f"lower them, or check --layout ({opened.layout}: T is axis "
+                        f"{opened.layout.index('T') + 1})")
+    if fitted:
+        # Runs of versions before --layout fitted only the channels; their image_size is the preset's.
+        want = frame_size(preset) if config["layout"] is not None else (H, W)
+        check((C, H, W) == (preset.frame_channels, *want),
+              f"--train-data {opened.name} holds frames of {C}x{H}x{W} (CxHxW) but this run's "
+              f"model was fitted to {preset.frame_channels}x{want[0]}x{want[1]}; resume with "
+              f"that data, or start a new run")
+
+
+def make_datasets(config: dict, warn: bool = True) -> tuple[Dataset, Dataset]:
+    """Training and validation sets; every problem with the data is a UsageError here.
+    `warn`: say how many values --value-range clips (rank 0 says it for all)."""
     fi, fo = config["frames_input"], config["frames_output"]
     model = config["model"]
     if config["train_data"]:
-        sequences = load_sequences(config["train_data"])  # (N, T, C, H, W)
-        _, T, C, H, W = sequences.shape
-        stride = math.prod(stage["down"]["stride"] for stage in model["stages"])
-        check(C == model["frame_channels"], f"--train-data has {C} channels but the preset's frames "
-                                            f"have {model['frame_channels']}")
-        check(min(H, W) >= 7, f"--train-data frames are {H}x{W}; SSIM needs at least 7x7")
-        check(H % stride == 0 and W % stride == 0,
-              f"--train-data frames are {H}x{W}, but the preset's stages downsample by {stride}; "
-              f"crop them to a multiple of {stride}")
-        train_idx, val_idx = split_holdout(len(sequences), config["holdout_fraction"])
-        return (SequenceArrayDataset(sequences, fi, fo, indices=train_idx),
-                SequenceArrayDataset(sequences, fi, fo, indices=val_idx))
+        opened = open_train_data(config)
+        check_train_shape(opened, config, Preset.from_dict(model), fitted=True)
+        check_values(opened.raw, opened.name, config["value_range"], config["fill_nan"], warn=warn)
+        train_idx, val_idx = split_holdout(len(opened.sequences), config["holdout_fraction"])
+        if config.get("dry_run"):
+            train_idx, val_idx = train_idx[:config["epoch_size"]], val_idx[:config["val_size"]]
+        units = dict(value_range=config["value_range"], fill_nan=config["fill_nan"])
+        return (SequenceArrayDataset(opened.sequences, fi, fo, indices=train_idx, **units),
+                SequenceArrayDataset(opened.sequences, fi, fo, indices=val_idx, **units))
     root = Path(config["data_root"])
     check(not root.exists() or root.is_dir(),
           f"--data-root {root} is a file; name the folder that holds the MNIST files")
@@ -423,7 +518,7 @@ def make_datasets(config: dict) -> tuple[Dataset, Dataset]:
     return train, val
 
 
-def frame_size(dataset: Dataset) -> tuple[int, int]:
+def data_frame_size(dataset: Dataset) -> tuple[int, int]:
     """(H, W) of the dataset's frames; Moving MNIST's without drawing a sequence."""
     if isinstance(dataset, MovingMNIST):
         return dataset.image_size, dataset.image_size
@@ -540,6 +635,11 @@ class TrainState:
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: self.factor(s))
         self.stopper = EarlyStopping(config["patience"])
         self.scaler = grad_scaler(device, config["precision"])
+        # The network trains on [0, 1]: batches come in the data's units, and the balanced
+        # loss's bins are mapped there too.
+        self.value_range = config["value_range"]
+        self.balance = ([to_unit(t, self.value_range) for t in config["balance_thresholds"]],
+                        config["balance_weights"])
         self.epoch, self.position, self.step, self.history = 0, 0, 0, []
         self.loss_sum = torch.zeros((), device=device)  # this epoch's losses, summed on the device
 
@@ -553,8 +653,9 @@ class TrainState:
                          self.config.get("anneal"))
 
     def train_step(self, model, inputs, targets, amp_ctx) -> None:
+        inputs, targets = to_unit(inputs, self.value_range), to_unit(targets, self.value_range)
         self.loss_sum += train_step(model, self.optimizer, self.scaler, inputs, targets, amp_ctx,
-                                    self.config["clip"], self.config["loss"])
+                                    self.config["clip"], self.config["loss"], self.balance)
         if self.config["schedule"] != "plateau":
             self.scheduler.step()
         self.step += 1
@@ -573,6 +674,7 @@ class TrainState:
             self.scheduler.step(val_loss)
         self.history.append({"epoch": self.epoch + 1, "step": self.step, "train_loss": train_loss,
                              "val_loss": val_loss, **{k: metrics[k] for k in METRIC_NAMES},
+                             **{k: metrics[k] for k in NOWCAST_KEYS if k in metrics},
                              "lr": self.lr, "seconds": round(seconds, 2)})
         self.epoch, self.position = self.epoch + 1, 0
         self.loss_sum.zero_()
@@ -685,14 +787,31 @@ class Loader(DataLoader):
 # ----------------------------------------------------------------------------------------
 # Validation
 
-def validate(model, loader, device, amp_ctx, frames_output: int) -> tuple[float, dict, tuple]:
-    """Mean per-pixel MSE (the training loss) and the field's metrics on the fixed set.
+NOWCAST_KEYS = ("b_mse", "b_mae", "thresholds")  # what --balanced and --thresholds add to an epoch
+
+
+def scoring(config: dict) -> dict:
+    """metrics.score's keywords for the run: its units, and the nowcasting scores asked for."""
+    balance = (config["balance_thresholds"], config["balance_weights"]) if config["balanced"] else None
+    return dict(value_range=config["value_range"], thresholds=config["thresholds"], balance=balance)
+
+
+def nowcast_scalars(metrics: dict) -> dict:
+    """TensorBoard tags of the nowcasting scores: val/csi@T (means over lead times), val/b_mse."""
+    scalars = {f"val/{name}@{key}": scores[name] for key, scores in metrics.get("thresholds", {}).items()
+               for name in SCORE_NAMES if scores[name] is not None}  # undefined: not drawn
+    return {**scalars, **{f"val/{k}": metrics[k] for k in ("b_mse", "b_mae") if k in metrics}}
+
+
+def validate(model, loader, device, amp_ctx, frames_output: int, **options) -> tuple[float, dict, tuple]:
+    """Mean per-pixel MSE on [0, 1] (the training loss) and the field's metrics on the fixed
+    set, in the data's units; `options` as metrics.score takes them (scoring(config)).
 
     Under torchrun each process scores its shard and the sums are all-reduced, so the
     result equals one process scoring the whole set. Returns (val_loss, metrics, this
-    process's first batch (inputs, targets, predictions)).
+    process's first batch (inputs, targets, predictions) on [0, 1]).
     """
-    scores = score(model, loader, device, amp_ctx, frames_output)
+    scores = score(model, loader, device, amp_ctx, frames_output, **options)
     metrics = scores.metrics["model"]
     metrics.load_tensor(all_sum(metrics.as_tensor()))
     loss = all_sum(scores.loss_sums)
@@ -833,16 +952,19 @@ def train(config, run, checkpoint, fork_source, train_set, val_set, rank, world,
                 log(message)
                 break
             val_loss, metrics, first = validate(runnable, val_loader, device, amp_ctx,
-                                                config["frames_output"])
+                                                config["frames_output"], **scoring(config))
             check_finite(val_loss, "the validation loss", state.step, run, state)
             improved = state.end_epoch(val_loss, metrics, time.time() - t0)
             run.save(state.state_dict(), improved)
             result = state.history[-1]
             run.log(state.step, {"train/epoch_loss": result["train_loss"], "val/loss": val_loss,
-                                 **{f"val/{k}": metrics[k] for k in METRIC_NAMES}, "lr": state.lr},
+                                 **{f"val/{k}": metrics[k] for k in METRIC_NAMES},
+                                 **nowcast_scalars(metrics), "lr": state.lr},
                     prediction_grid(*first) if rank == 0 else None)
+            csi = "".join(f"  csi@{k} {v['csi']:.3f}" for k, v in metrics.get("thresholds", {}).items()
+                          if v["csi"] is not None)
             log(f"epoch {result['epoch']}/{config['epochs']}  train {result['train_loss']:.5f}  "
-                f"val {val_loss:.5f}  mse {metrics['mse']:.1f}  ssim {metrics['ssim']:.4f}  "
+                f"val {val_loss:.5f}  mse {metrics['mse']:.4g}  ssim {metrics['ssim']:.4f}{csi}  "
                 f"lr {state.lr:.2g}  {result['seconds']:.0f}s{'  *best' if improved else ''}")
             if checkpoint is None and state.epoch == 1 and deadline is not None and "fitted" not in config:
                 warning = budget_warning(config, time.time() - t0, deadline - time.time(), 1)

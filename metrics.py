@@ -1,12 +1,13 @@
-"""Scores: the field's metrics per frame, the copy-last-frame baseline, and the one evaluation loop.
+"""Scores: the field's metrics per frame, the nowcasting scores where asked, the copy-last-frame baseline, and the one evaluation loop.
 
 docs/metrics.md has the definitions and sources. main.py validates and evaluate.py tests
 with `score`, so both report the same numbers the same way. Video tensors are
-(B, T, C, H, W) with values in [0, 1].
+(B, T, C, H, W) in the data's units: [0, 1], or [LO, HI] for a run with --value-range.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from skimage.metrics import structural_similarity
 
 from devices import synchronize
+from model import from_unit, to_unit
+from nowcast import BalancedErrorAccumulator, ContingencyAccumulator, threshold_key
 from utils import check, format_table
 
 METRIC_NAMES = ("mse", "mae", "ssim", "psnr", "ssim_openstl")  # rows of MetricAccumulator.totals
@@ -41,16 +44,21 @@ class MetricAccumulator:
         MSE is clamped to PSNR_MIN_MSE, so a perfect frame scores 100 dB.
     compute() averages each over frames and sequences.
 
+    With `value_range` (LO, HI), frames are in the data's own units: mse and mae are in
+    those units (squared), while ssim, ssim_openstl and psnr score the frames mapped to
+    [0, 1] by (x - LO) / (HI - LO), which equals SSIM and PSNR with data_range HI - LO.
+
     State is `totals`, a float64 CPU tensor (len(METRIC_NAMES), T) of sums over sequences,
     and `count`, the number of sequences. Both are plain sums, so under torch.distributed
     `as_tensor()` -> all_reduce(SUM) -> `load_tensor()` gives the single-process result
     (up to float64 rounding from the summation order).
     """
 
-    def __init__(self, n_frames):
+    def __init__(self, n_frames, value_range=None):
         if n_frames < 1:
             raise ValueError(f"MetricAccumulator needs n_frames >= 1, got {n_frames}")
         self.n_frames = int(n_frames)
+        self.value_range = None if value_range is None else tuple(float(v) for v in value_range)
         self.reset()
 
     def reset(self):
@@ -71,13 +79,20 @@ class MetricAccumulator:
               f"SSIM uses a {SSIM_WINDOW}x{SSIM_WINDOW} window; frames of {h}x{w} are too small")
         pred = pred.detach().to(torch.float64)
         target = target.detach().to(pred.device, torch.float64)
-        lo, hi = target.min().item(), target.max().item()
-        check(lo >= -1e-6 and hi <= 1 + 1e-6,
-              f"targets must lie in [0, 1] but span [{lo:.4g}, {hi:.4g}]; divide uint8 frames by 255")
-
         err = pred - target
         mse = err.square().sum(dim=(2, 3, 4))  # (B, T)
         mae = err.abs().sum(dim=(2, 3, 4))  # (B, T)
+
+        pred, target = to_unit(pred, self.value_range), to_unit(target, self.value_range)
+        lo, hi = target.min().item(), target.max().item()
+        if self.value_range is None:
+            check(lo >= -1e-6 and hi <= 1 + 1e-6,
+                  f"targets must lie in [0, 1] but span [{lo:.4g}, {hi:.4g}]; divide uint8 frames by 255")
+        else:
+            check(lo >= -1e-6 and hi <= 1 + 1e-6,
+                  f"targets must lie in the value range [{self.value_range[0]:g}, "
+                  f"{self.value_range[1]:g}] but span [{from_unit(lo, self.value_range):.4g}, "
+                  f"{from_unit(hi, self.value_range):.4g}]")
 
         clipped = pred.clamp(0.0, 1.0)
         pixel_mse = (clipped - target).square().mean(dim=(2, 3, 4)).clamp_min(PSNR_MIN_MSE)  # (B, T)
@@ -128,6 +143,52 @@ def _frame_ssim(pred, true, data_range):
     return float(structural_similarity(pred, true, data_range=data_range, channel_axis=0))
 
 
+class ScoreSet:
+    """Every score of one forecaster (the model or a baseline) over a test set, in the data's
+    units: the field's metrics (MetricAccumulator) and, where asked, POD, FAR, CSI, HSS and
+    bias per threshold (nowcast.ContingencyAccumulator) and B-MSE / B-MAE
+    (nowcast.BalancedErrorAccumulator).
+
+    `thresholds`: None or event thresholds; `balance`: None or (thresholds, weights) of the
+    B-MSE bins. As each part, its state is plain sums: `as_tensor()` -> all_reduce(SUM) ->
+    `load_tensor()` gives the single-process result (the counts exactly).
+    """
+
+    def __init__(self, n_frames, *, value_range=None, thresholds=None, balance=None):
+        self.metrics = MetricAccumulator(n_frames, value_range)
+        self.contingency = ContingencyAccumulator(thresholds, n_frames) if thresholds else None
+        self.balanced = BalancedErrorAccumulator(n_frames, *balance) if balance else None
+
+    @property
+    def parts(self) -> list:
+        return [p for p in (self.metrics, self.contingency, self.balanced) if p is not None]
+
+    def update(self, pred, target):
+        """Add a batch: (B, T, C, H, W) tensors in the data's units."""
+        for part in self.parts:
+            part.update(pred, target)
+
+    def as_tensor(self) -> torch.Tensor:
+        """1-D float64: each part's as_tensor() in turn (counts are exact below 2**53)."""
+        return torch.cat([part.as_tensor(torch.float64) if part is self.contingency else
+                          part.as_tensor() for part in self.parts])
+
+    def load_tensor(self, tensor):
+        sizes = [part.as_tensor().numel() for part in self.parts]
+        for part, chunk in zip(self.parts, torch.split(tensor.detach().to("cpu").flatten(), sizes)):
+            part.load_tensor(chunk)
+
+    def compute(self) -> dict:
+        """MetricAccumulator.compute(), plus "thresholds": {"<T>": {"pod", ...}} and
+        "b_mse", "b_mae", "per_frame_b_mse", "per_frame_b_mae" where asked."""
+        result = self.metrics.compute()
+        if self.contingency is not None:
+            result["thresholds"] = self.contingency.compute()
+        if self.balanced is not None:
+            result.update(self.balanced.compute())
+        return result
+
+
 def copy_last_frame(inputs, n_frames_output):
     """Baseline that repeats the last input frame. inputs (B, T_in, C, H, W) -> (B, T_out, C, H, W)."""
     return inputs[:, -1:].repeat(1, n_frames_output, 1, 1, 1)
@@ -140,9 +201,9 @@ def copy_last_frame(inputs, n_frames_output):
 
 @dataclass
 class Scores:
-    metrics: dict            # name -> MetricAccumulator: "model" and each baseline
-    loss_sums: torch.Tensor  # float64 (2,): the model's summed squared error, pixel count
-    first_batch: tuple       # (inputs, targets, predictions) of the first batch, on the CPU
+    metrics: dict            # name -> ScoreSet: "model" and each baseline
+    loss_sums: torch.Tensor  # float64 (2,): the model's summed squared error on [0, 1], pixel count
+    first_batch: tuple       # (inputs, targets, predictions) of the first batch on [0, 1], on the CPU
     model_seconds: float     # time in the model's forward passes, device synchronised
     sequences: int
 
@@ -153,11 +214,19 @@ class Scores:
 
 
 @torch.no_grad()
-def score(model, loader, device, amp_ctx, frames_output: int, baselines=None) -> Scores:
+def score(model, loader, device, amp_ctx, frames_output: int, baselines=None, *,
+          value_range=None, thresholds=None, balance=None) -> Scores:
     """Predict every batch of `loader` and score the model and `baselines`
-    ({name: fn(inputs, frames_output) -> predictions}) with MetricAccumulator."""
+    ({name: fn(inputs, frames_output) -> predictions}) with a ScoreSet each.
+
+    `loader` yields (inputs, targets) in the data's units; `model` is the network, which
+    sees them mapped to [0, 1] by `value_range` (model.to_unit) and whose predictions are
+    mapped back for scoring; the loss is on [0, 1], as in training. Baselines work in the
+    data's units. `thresholds` and `balance` are ScoreSet's.
+    """
     baselines = baselines or {}
-    metrics = {name: MetricAccumulator(frames_output) for name in ("model", *baselines)}
+    metrics = {name: ScoreSet(frames_output, value_range=value_range, thresholds=thresholds,
+                              balance=balance) for name in ("model", *baselines)}
     loss_sums = torch.zeros(2, dtype=torch.float64, device=device)
     first, seconds, sequences = None, 0.0, 0
     was_training = model.training
@@ -165,22 +234,56 @@ def score(model, loader, device, amp_ctx, frames_output: int, baselines=None) ->
     for inputs, targets in loader:
         inputs = inputs.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
+        unit_inputs, unit_targets = to_unit(inputs, value_range), to_unit(targets, value_range)
         t0 = time.perf_counter()
         with amp_ctx:
-            pred = model(inputs, frames_output=frames_output)
+            pred = model(unit_inputs, frames_output=frames_output)
         pred = pred.float()
         synchronize(device)
         seconds += time.perf_counter() - t0
-        loss_sums[0] += F.mse_loss(pred, targets, reduction="sum").double()
+        loss_sums[0] += F.mse_loss(pred, unit_targets, reduction="sum").double()
         loss_sums[1] += targets.numel()
-        metrics["model"].update(pred, targets)
+        metrics["model"].update(from_unit(pred, value_range), targets)
         for name, baseline in baselines.items():
             metrics[name].update(baseline(inputs, frames_output), targets)
         sequences += len(inputs)
         if first is None:
-            first = (inputs.cpu(), targets.cpu(), pred.cpu())
+            first = (unit_inputs.cpu(), unit_targets.cpu(), pred.cpu())
     model.train(was_training)
     return Scores(metrics, loss_sums, first, seconds, sequences)
+
+
+# ---------------------------------------------------------------------------------------
+# Flags of the nowcasting scores, for main.py and evaluate.py
+# ---------------------------------------------------------------------------------------
+
+
+def check_thresholds(flag: str, thresholds, value_range, whose: str = "") -> None:
+    """UsageError unless every threshold is finite, distinct and inside (LO, HI]: at LO or
+    below every pixel is an event, above HI none is. Without value_range the units are [0, 1]."""
+    lo, hi = (0.0, 1.0) if value_range is None else value_range
+    where = f"{whose}value range [{lo:g}, {hi:g}]"
+    if value_range is None:
+        where += " (without --value-range the data's units are [0, 1]: uint8 / 255)"
+    for t in thresholds:
+        check(math.isfinite(t) and lo < t <= hi,
+              f"{flag} {t:g} lies outside the {where}; thresholds are in the data's units "
+              f"and must be above {lo:g} and at most {hi:g}")
+    keys = [threshold_key(t) for t in thresholds]
+    check(len(set(keys)) == len(keys), f"{flag} names a threshold twice: {' '.join(keys)}")
+
+
+def check_balance(thresholds, weights, value_range, whose: str = "") -> None:
+    """The B-MSE bins (--balance-thresholds, --balance-weights): increasing thresholds inside
+    the value range, one more weight than thresholds, weights > 0."""
+    check_thresholds("--balance-thresholds", thresholds, value_range, whose)
+    check(all(a < b for a, b in zip(thresholds, thresholds[1:])),
+          f"--balance-thresholds must increase, got {' '.join(f'{t:g}' for t in thresholds)}")
+    check(len(weights) == len(thresholds) + 1,
+          f"--balance-weights needs {len(thresholds) + 1} weights for {len(thresholds)} "
+          f"--balance-thresholds (one per bin), got {len(weights)}")
+    check(all(math.isfinite(w) and w > 0 for w in weights),
+          f"--balance-weights must be > 0, got {' '.join(f'{w:g}' for w in weights)}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -192,7 +295,22 @@ METRIC_COLUMNS = [("model", "model", "{}"), ("mse", "mse", "{:.2f}"), ("mae", "m
                   ("ssim_openstl", "ssim_openstl", "{:.4f}")]
 
 
+BALANCED_COLUMNS = [("b_mse", "b_mse", "{:.2f}"), ("b_mae", "b_mae", "{:.2f}")]
+THRESHOLD_COLUMNS = [("model", "model", "{}"), ("threshold", "threshold", "{}"),
+                     ("pod", "pod", "{:.4f}"), ("far", "far", "{:.4f}"), ("csi", "csi", "{:.4f}"),
+                     ("hss", "hss", "{:.4f}"), ("bias", "bias", "{:.4f}")]
+
+
 def format_metrics_table(results: dict) -> str:
-    """{name: metrics dict} (e.g. evaluate.py's "model" and "copy_last_baseline") as a table."""
-    return format_table([{**metrics, "model": name} for name, metrics in results.items()],
-                        METRIC_COLUMNS)
+    """{name: metrics dict} (e.g. evaluate.py's "model" and "copy_last_baseline") as a table;
+    B-MSE and B-MAE columns where the results have them."""
+    columns = METRIC_COLUMNS + (BALANCED_COLUMNS if any("b_mse" in m for m in results.values()) else [])
+    return format_table([{**metrics, "model": name} for name, metrics in results.items()], columns)
+
+
+def format_thresholds_table(results: dict) -> str:
+    """The nowcasting scores of each entry and threshold (means over lead times) as a table."""
+    rows = [{**scores, "model": name, "threshold": key}
+            for name, metrics in results.items()
+            for key, scores in metrics.get("thresholds", {}).items()]
+    return format_table(rows, THRESHOLD_COLUMNS)

@@ -2,14 +2,20 @@
 
     from model import build_model, load_model
     model = build_model("tiny")                              # fresh weights
+    model = build_model("tiny", channels=4)                  # for 4-channel frames
     model = load_model("runs/X/checkpoints/best.pt")         # trained, in eval mode
-    pred = model(x, frames_output=10)  # x (B, T_in, C, H, W) in [0, 1] -> (B, 10, C, H, W)
+    pred = model(x, frames_output=10)  # x (B, T_in, C, H, W) -> (B, 10, C, H, W)
+
+The network works on values in [0, 1]. A run trained with --value-range LO HI maps its
+data there linearly; load_model then gives a model that takes and returns the data's own
+units (InDataUnits).
 
 Needs only torch and the standard library (and the repo's cells, blocks and presets).
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch
@@ -64,6 +70,42 @@ def _check_cell_options(preset: Preset) -> None:
                              f"(norm is the preset's own field); {FIX}")
 
 
+def frame_size(preset: Preset) -> tuple[int, int]:
+    """(H, W) of the preset's frames: image_size is one number (square) or [H, W]."""
+    size = preset.image_size
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) for v in size):
+        return int(size[0]), int(size[1])
+    raise UsageError(f"image_size {size!r} is neither a number nor [H, W]; {FIX}")
+
+
+def total_stride(preset: Preset) -> int:
+    """How much the stages downsample in all: H and W must be multiples of it."""
+    stride = 1
+    for stage in preset.stages:
+        stride *= stage.down.stride
+    return stride
+
+
+def fit_to_data(preset: Preset | str, channels: int, size: tuple[int, int] | None = None) -> Preset:
+    """A checked copy of `preset` for frames of `channels` channels (and `size` (H, W)): the
+    first stage's down conv takes the channels and the head's last conv gives them back; the
+    rest of the architecture stays. UsageError, naming the stage, if it doesn't fit."""
+    preset = copy.deepcopy(get_preset(preset) if isinstance(preset, str) else preset)
+    if channels < 1:
+        raise UsageError(f"frames need at least one channel, got {channels}")
+    if preset.stages and preset.head:
+        preset.stages[0].down.in_channels = channels
+        preset.head[-1].out_channels = channels
+    preset.frame_channels = channels
+    if size is not None:
+        h, w = (int(v) for v in size)
+        preset.image_size = h if h == w else [h, w]
+    check_preset(preset)
+    return preset
+
+
 def check_preset(preset: Preset) -> None:
     """Raise UsageError naming the stage or field and the mismatch if the preset can't be built."""
     if preset.cell not in CELLS:
@@ -83,7 +125,8 @@ def check_preset(preset: Preset) -> None:
         raise UsageError(f"a preset needs at least one stage; {FIX}")
     if not preset.head:
         raise UsageError(f"the head needs at least one conv to make frames; {FIX}")
-    size, channels, source = preset.image_size, preset.frame_channels, "the frames have"
+    height, width = frame_size(preset)
+    channels, source = preset.frame_channels, "the frames have"
     for k, stage in enumerate(preset.stages, start=1):
         name = f"stage {k}"
         _check_conv(f"{name} down", stage.down)
@@ -103,11 +146,11 @@ def check_preset(preset: Preset) -> None:
             raise UsageError(f"{name}: up stride {stage.up.stride} must mirror down stride "
                              f"{stage.down.stride} so the forecaster's sizes meet the "
                              f"encoder's; {FIX}")
-        if size % stage.down.stride:
+        if height % stage.down.stride or width % stage.down.stride:
             raise UsageError(f"{name}: stride {stage.down.stride} does not divide the "
-                             f"{size}x{size} map it gets (image_size {preset.image_size}); "
-                             f"change the stride or the image size")
-        size //= stage.down.stride
+                             f"{height}x{width} map it gets (image_size {preset.image_size}); "
+                             f"change the stride or the frame size")
+        height, width = height // stage.down.stride, width // stage.down.stride
         channels, source = stage.hidden, f"{name}'s cell gives"
     # Forecaster: the bottom stage's up block feeds the head.
     channels, source = preset.stages[0].up.out_channels, "stage 1's up block"
@@ -139,9 +182,7 @@ class EncoderForecaster(nn.Module):
         self.preset = preset
         self.encoder = Encoder(preset)
         self.forecaster = Forecaster(preset)
-        self.total_stride = 1
-        for stage in preset.stages:
-            self.total_stride *= stage.down.stride
+        self.total_stride = total_stride(preset)
 
     def forward(self, x: torch.Tensor, frames_output: int | None = None) -> torch.Tensor:
         p = self.preset
@@ -158,28 +199,74 @@ class EncoderForecaster(nn.Module):
         return self.forecaster(self.encoder(x), frames_output)
 
 
-def build_model(name_or_preset: str | Preset | dict) -> EncoderForecaster:
-    """A preset name from net_params.PRESETS, a Preset, or a Preset.to_dict() (checkpoints)."""
+def build_model(name_or_preset: str | Preset | dict, *, channels: int | None = None,
+                size: tuple[int, int] | None = None) -> EncoderForecaster:
+    """A preset name from net_params.PRESETS, a Preset, or a Preset.to_dict() (checkpoints).
+
+    `channels` and `size` (H, W) fit the preset to the data's frames (fit_to_data); without
+    them the preset's own frame_channels and image_size stand.
+    """
     if isinstance(name_or_preset, str):
         preset = get_preset(name_or_preset)
     elif isinstance(name_or_preset, dict):
         preset = Preset.from_dict(name_or_preset)
     else:
         preset = name_or_preset
+    if channels is not None or size is not None:
+        preset = fit_to_data(preset, preset.frame_channels if channels is None else channels, size)
     return EncoderForecaster(preset)
+
+
+# ----------------------------------------------------------------------------------------
+# The data's own units: --value-range LO HI maps them linearly to the network's [0, 1]
+
+def to_unit(x: torch.Tensor, value_range) -> torch.Tensor:
+    """Data units -> [0, 1]: (x - LO) / (HI - LO); x itself where value_range is None."""
+    if value_range is None:
+        return x
+    lo, hi = value_range
+    return (x - lo) / (hi - lo)
+
+
+def from_unit(y: torch.Tensor, value_range) -> torch.Tensor:
+    """[0, 1] -> data units: LO + (HI - LO) y; y itself where value_range is None."""
+    if value_range is None:
+        return y
+    lo, hi = value_range
+    return y * (hi - lo) + lo
+
+
+class InDataUnits(nn.Module):
+    """A forecaster in the data's own units: x (B, T_in, C, H, W) in [LO, HI] (values
+    outside are clipped, as in training) -> (B, T_out, C, H, W) in the same units.
+
+    `network` is the EncoderForecaster inside; it sees the frames mapped to [0, 1].
+    """
+
+    def __init__(self, network: EncoderForecaster, value_range):
+        super().__init__()
+        self.network = network
+        self.value_range = tuple(float(v) for v in value_range)
+
+    def forward(self, x: torch.Tensor, frames_output: int | None = None) -> torch.Tensor:
+        x = to_unit(x.clamp(*self.value_range), self.value_range)
+        return from_unit(self.network(x, frames_output), self.value_range)
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def load_model(path, map_location="cpu") -> EncoderForecaster:
+def load_model(path, map_location="cpu", *, data_units: bool = True) -> nn.Module:
     """The forecaster of a checkpoint, in eval mode on the device `map_location` names.
 
     Any checkpoint main.py writes (a run's last.pt or best.pt) or tools/convert_original.py
     makes: the checkpoint's config rebuilds the model, its weights fill it. Call it as
-    `model(x, frames_output=N)`. A file that is no such checkpoint, or whose weights don't
-    fit the model its config describes, raises one UsageError naming the file.
+    `model(x, frames_output=N)`. It takes and gives values in the data's units: for a run
+    with --value-range LO HI an InDataUnits around the network, else the EncoderForecaster
+    itself (whose units are [0, 1]). data_units=False gives the network alone, on [0, 1].
+    A file that is no such checkpoint, or whose weights don't fit the model its config
+    describes, raises one UsageError naming the file.
     """
     checkpoint = load_checkpoint(path, map_location)
     try:
@@ -188,4 +275,6 @@ def load_model(path, map_location="cpu") -> EncoderForecaster:
         raise UsageError(f"{path}: its config describes no model this version builds "
                          f"({first_line(err)})") from None
     load_weights(model, checkpoint["model"], path)
-    return model.to(map_location).eval()
+    model = model.to(map_location).eval()
+    value_range = checkpoint["config"].get("value_range")
+    return model if value_range is None or not data_units else InDataUnits(model, value_range).eval()

@@ -12,7 +12,7 @@ head's last conv, ``head_activation`` decides.
                         |states           |states
     frames <- head <- up1 <- cell1 <- up2 <- cell2 <- ...        (forecaster)
 
-``model.build_model`` checks that the channels chain, that strides divide the image size,
+``model.build_model`` checks that the channels chain, that strides divide the frame size,
 that kernels are odd and that the cell takes the ``cell_options``, and names the stage or
 field that doesn't fit (``model.check_preset``).
 """
@@ -60,8 +60,10 @@ class Preset:
     # the raw conv output. None is the default because checkpoints saved before this field
     # existed lack it, and must rebuild the raw-output model they were trained as.
     head_activation: str | None = None
+    # The frames: channels and size. main.py sets both from --train-data (model.fit_to_data);
+    # image_size is one number for square frames or [H, W].
     frame_channels: int = 1
-    image_size: int = 64
+    image_size: int | list[int] = 64
     frames_input: int = 10     # default sequence lengths; main.py flags override
     frames_output: int = 10
     batch_size: int = 16       # recommended training defaults; main.py flags override

@@ -1,6 +1,9 @@
 """Pictures of predictions: a grid of input, truth and prediction rows as a figure, and an animation.
 
-Inputs are (B, T, C, H, W) tensors or arrays in [0, 1], C = 1 (gray) or 3 (RGB). Files
+Inputs are (B, T, C, H, W) tensors or arrays in [0, 1] (a run's frames mapped by its
+--value-range), any C: 1 is drawn gray and 3 as RGB; any other count draws each channel as
+its own gray rows, labelled "input c1", "truth c1", "prediction c1", "input c2", ... (the
+three rows of a channel together, so truth and prediction sit one above the other). Files
 are written atomically, in the format their name's extension says (picture_format).
 """
 
@@ -46,9 +49,20 @@ def _as_video(x, what):
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 5:
         raise ValueError(f"{what} must be (B, T, C, H, W), got shape {x.shape}")
-    if x.shape[2] not in (1, 3):
-        raise ValueError(f"{what} has {x.shape[2]} channels; pictures support 1 (gray) or 3 (RGB)")
+    if x.shape[2] < 1:
+        raise ValueError(f"{what} has no channels, shape {x.shape}")
     return np.clip(np.nan_to_num(x, nan=0.0), 0.0, 1.0)  # NaN (diverged weights) drawn black
+
+
+def _rows(inputs, targets, preds):
+    """[(label, video)] of the picture's rows: the three videos as they are for 1 (gray) or 3
+    (RGB) channels, else each channel's input, truth and prediction as (B, T, 1, H, W)."""
+    videos = (inputs, targets, preds)
+    c = inputs.shape[2]
+    if c in (1, 3):
+        return list(zip(ROW_LABELS, videos))
+    return [(f"{label} c{k + 1}", video[:, :, k:k + 1])
+            for k in range(c) for label, video in zip(ROW_LABELS, videos)]
 
 
 def _check_videos(inputs, targets, preds):
@@ -77,14 +91,15 @@ def _grid(inputs, targets, preds, max_sequences, pad):
     c, h, w = inputs.shape[2:]
     n_cols = max(inputs.shape[1], targets.shape[1])
     seq_gap = 3 * pad  # wider than the gap between rows, so sequences read as groups
+    rows = _rows(inputs, targets, preds)
 
-    height = pad + n * 3 * (h + pad) + (n - 1) * (seq_gap - pad)
+    height = pad + n * len(rows) * (h + pad) + (n - 1) * (seq_gap - pad)
     width = pad + n_cols * (w + pad)
     grid = np.full((height, width) + ((3,) if c == 3 else ()), BACKGROUND, dtype=np.uint8)
     spans = []
     y = pad
     for i in range(n):
-        for label, video in zip(ROW_LABELS, (inputs, targets, preds)):
+        for label, video in rows:
             for j in range(video.shape[1]):
                 x = pad + j * (w + pad)
                 grid[y:y + h, x:x + w] = _to_uint8(video[i, j])
@@ -98,9 +113,9 @@ def prediction_grid(inputs, targets, preds, *, max_sequences=4, pad=2):
     """Picture of up to `max_sequences` sequences, three rows each: input, truth, prediction.
 
     inputs (B, T_in, C, H, W); targets and preds (B, T_out, C, H, W); tensors or arrays
-    in [0, 1] (preds are clipped), C = 1 or 3. Row j holds frames left to right; the
-    shorter of T_in and T_out is padded with background. Returns uint8 (H_img, W_img)
-    for C = 1 or (H_img, W_img, 3) for C = 3.
+    in [0, 1] (preds are clipped), any C (three gray rows per channel unless C is 1 or 3).
+    Row j holds frames left to right; the shorter of T_in and T_out is padded with
+    background. Returns uint8 (H_img, W_img), or (H_img, W_img, 3) for C = 3.
     """
     return _grid(inputs, targets, preds, max_sequences, pad)[0]
 
@@ -131,7 +146,7 @@ def save_prediction_figure(path, inputs, targets, preds, *, max_sequences=4, pad
 
     draw = ImageDraw.Draw(Image.new(mode, (1, 1)))
     margin = 6
-    label_width = max(_text_size(draw, label)[0] for label in ROW_LABELS) + 2 * margin
+    label_width = max(_text_size(draw, label)[0] for _, _, label in spans) + 2 * margin
     figure = Image.new(mode, (label_width + grid.shape[1], grid.shape[0]), paper)
     figure.paste(Image.fromarray(grid), (label_width, 0))
     draw = ImageDraw.Draw(figure)
@@ -149,7 +164,8 @@ def save_prediction_gif(path, inputs, targets, preds, *, max_sequences=4, durati
     inputs (B, T_in, C, H, W); targets and preds (B, T_out, C, H, W). The animation has
     T_in + T_out frames: first each input frame beside a blank, then each true frame
     beside its prediction (clipped to [0, 1]). A caption names the phase and frame number.
-    Parent directories are created; the write is atomic.
+    Channels are drawn as prediction_grid draws them: gray, RGB, or one gray pair per
+    channel, top to bottom. Parent directories are created; the write is atomic.
     """
     fmt = picture_format(path, animated=True)
     inputs, targets, preds = _check_videos(inputs, targets, preds)
@@ -161,6 +177,7 @@ def save_prediction_gif(path, inputs, targets, preds, *, max_sequences=4, durati
     paper = (LABEL_BACKGROUND,) * 3 if mode == "RGB" else LABEL_BACKGROUND
     seq_gap = 3 * pad * scale
     cell_w, cell_h, pad_s = w * scale, h * scale, pad * scale
+    layers = [slice(None)] if c in (1, 3) else [slice(k, k + 1) for k in range(c)]  # one per row
 
     captions = ([f"input {k + 1}/{t_in}" for k in range(t_in)]
                 + [f"truth | prediction {k + 1}/{t_out}" for k in range(t_out)])
@@ -170,7 +187,7 @@ def save_prediction_gif(path, inputs, targets, preds, *, max_sequences=4, durati
     header = text_h + 6
     content_w = n * (2 * cell_w + pad_s) + (n - 1) * seq_gap + 2 * pad_s
     width = max(content_w, text_w + 2 * pad_s + 4)
-    height = header + cell_h + pad_s
+    height = header + len(layers) * (cell_h + pad_s)
 
     blank = np.full((c, h, w), BACKGROUND / 255.0, dtype=np.float32)
     frames = []
@@ -182,9 +199,11 @@ def save_prediction_gif(path, inputs, targets, preds, *, max_sequences=4, durati
             else:
                 left, right = targets[i, k - t_in], preds[i, k - t_in]
             x = pad_s + i * (2 * cell_w + pad_s + seq_gap)
-            for offset, frame in ((0, left), (cell_w + pad_s, right)):
-                cell = Image.fromarray(_upscale(_to_uint8(frame), scale))
-                image.paste(cell, (x + offset, header))
+            for row, layer in enumerate(layers):
+                y = header + row * (cell_h + pad_s)
+                for offset, frame in ((0, left[layer]), (cell_w + pad_s, right[layer])):
+                    cell = Image.fromarray(_upscale(_to_uint8(frame), scale))
+                    image.paste(cell, (x + offset, y))
         ImageDraw.Draw(image).text((pad_s + 2, 3), caption, fill=ink)
         frames.append(image)
 

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import os
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -35,13 +36,19 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def run_cli(main, argv=None) -> int:
     """Run a CLI's main(argv): user errors become one `error: ...` line and exit code 1.
 
     A stop by a signal exits with 128 + its number, as shells report it (main.py's
     message says how to resume). Output that can't be written (a full disk behind
     `> log`, a `| tee` that died) is dropped instead of stopping the command.
+    Warnings (e.g. how many values --value-range clips) are one `warning: ...` line.
     """
+    warnings.formatwarning = _warning_line  # the user reads the message, not our source line
     with quiet_streams():
         try:
             main(sys.argv[1:] if argv is None else argv)

@@ -39,6 +39,15 @@ def files(mnist_root, tmp_path_factory):
     np.save(d / "odd.npy", np.zeros((8, 8, 30, 30), np.uint8))
     np.save(d / "test_3d.npy", np.zeros((20, 3, 64), np.uint8))
     (d / "cut.npy").write_bytes((d / "short.npy").read_bytes()[:200])
+    rng = np.random.default_rng(0)
+    good = rng.random((6, 20, 32, 32), dtype=np.float32)
+    np.save(d / "good.npy", good)
+    np.save(d / "two_channels.npy", rng.random((3, 20, 2, 64, 64), dtype=np.float32))
+    np.save(d / "small_frames.npy", rng.integers(0, 255, (20, 3, 32, 32), dtype=np.uint8))
+    good.flat[[5, 700, 9000]] = np.nan
+    np.save(d / "nan.npy", good)
+    np.savez(d / "objects.npz", sequences=np.array([{"frames": 1}, None], dtype=object))
+    np.save(d / "empty.npy", np.zeros((0, 8, 32, 32), np.uint8))
     main.main(["--arch", "tiny", "--device", "cpu", "--data-root", str(mnist_root), "--no-download",
                "--out-dir", str(d / "run"), "--workers", "0", "--dry-run", "--frames-input", "2",
                "--frames-output", "2"])
@@ -102,8 +111,38 @@ CASES = [
     (TRAIN, ["--train-data", "{d}/dir.npy"], "dir.npy is a directory"),
     (TRAIN, ["--train-data", "{d}/missing.npy"], "missing.npy: no such file"),
     (TRAIN, ["--train-data", "{d}/3d.npy"], "3d.npy: shape (4, 8, 32) is 3-D"),
-    (TRAIN, ["--train-data", "{d}/short.npy"], "don't fit in sequences of 5 frames"),
-    (TRAIN, ["--train-data", "{d}/odd.npy"], "--train-data frames are 30x30"),
+    (TRAIN, ["--train-data", "{d}/short.npy", "--layout", "NTHW"], "don't fit in sequences of 5 frames"),
+    (TRAIN, ["--train-data", "{d}/short.npy", "--layout", "NTHW"],
+     "--train-data {d}/short.npy: 10 input + 10 output frames (--frames-input, --frames-output)"),
+    (TRAIN, ["--train-data", "{d}/odd.npy", "--layout", "NTHW"], "--train-data frames are 30x30"),
+    # your own data (issue 20) and its faults (issue 21)
+    (TRAIN, ["--train-data", "{d}/good.npy"], "good.npy: shape (6, 20, 32, 32) is 4-D; name its axes with --layout, e.g. NTHW"),
+    (TRAIN, ["--train-data", "{d}/good.npy", "--layout", "NTCHW"], "layout NTCHW needs 5 dimensions"),
+    (TRAIN, ["--train-data", "{d}/good.npy", "--layout", "NTXY"], "--layout: invalid choice"),
+    (TRAIN, ["--train-data", "{d}/good.npy", "--layout", "TNHW"],
+     "good.npy: 10 input + 10 output frames (--frames-input, --frames-output) don't fit in sequences of 6"),
+    (TRAIN, ["--train-data", "{d}/nan.npy", "--layout", "NTHW"], "nan.npy: 3 of 122,880 values are NaN"),
+    (TRAIN, ["--train-data", "{d}/nan.npy", "--layout", "NTHW", "--fill-nan", "2"],
+     "--fill-nan 2 lies outside the value range [0, 1]"),
+    (TRAIN, ["--train-data", "{d}/good.npy", "--layout", "NTHW", "--value-range", "70", "0"],
+     "--value-range 70 0: LO must be below HI"),
+    (TRAIN, ["--train-data", "{d}/good.npy", "--layout", "NTHW", "--value-range", "5", "5"],
+     "--value-range 5 5: LO must be below HI"),
+    (TRAIN, ["--train-data", "{d}/good.npy", "--layout", "NTHW", "--value-range", "0", "70",
+             "--thresholds", "20", "80"], "--thresholds 80 lies outside the value range [0, 70]"),
+    (TRAIN, ["--thresholds", "2"], "--thresholds 2 lies outside the value range [0, 1]"),
+    (TRAIN, ["--thresholds", "0.5", "0.5"], "--thresholds names a threshold twice"),
+    (TRAIN, ["--loss", "b-mse"], "--balance-thresholds 2 lies outside the value range [0, 1]"),
+    (TRAIN, ["--balanced", "--balance-thresholds", "0.2", "0.5", "--balance-weights", "1", "2"],
+     "--balance-weights needs 3 weights"),
+    (TRAIN, ["--value-range", "0", "1"], "--value-range describes --train-data"),
+    (TRAIN, ["--layout", "NTHW"], "--layout describes --train-data"),
+    (TRAIN, ["--train-data", "{d}/objects.npz"], "objects.npz: holds Python objects"),
+    (TRAIN, ["--train-data", "{d}/empty.npy"], "empty.npy: the array is empty, shape (0, 8, 32, 32)"),
+    (TRAIN, ["--train-data", "{d}/good.npy", "--layout", "NTHW", "--epoch-size", "4"],
+     "--epoch-size sets Moving MNIST's sizes; with --train-data"),
+    (TRAIN, ["--train-data", "{d}/good.npy", "--layout", "NTHW", "--val-size", "2"],
+     "--val-size sets Moving MNIST's sizes"),
     (TRAIN, ["--train-data", "{d}/cut.npy"], "cut.npy: not a readable .npy file"),
     (TRAIN, ["--epoch-size", "1", "--batch-size", "2"], "gives no full batch of 2"),
     (TRAIN, ["--resume", ""], "--resume '' names no run"),
@@ -136,6 +175,20 @@ CASES = [
     ("evaluate", ["--checkpoint", "{d}/run/checkpoints/last.pt", "--data-root", "{d}/empty"],
      "no MNIST digits in"),
     ("evaluate", ["--layout", "XYZ", "--checkpoint", "x"], "--layout: invalid choice"),
+    ("evaluate", ["--checkpoint", "{d}/run/checkpoints/last.pt", "--thresholds", "2"],
+     "--thresholds 2 lies outside the value range [0, 1]"),
+    ("evaluate", ["--checkpoint", "{d}/run/checkpoints/last.pt", "--baselines", "copy-last,persistence"],
+     "--baselines copy-last,persistence: unknown baseline 'persistence'"),
+    ("evaluate", ["--checkpoint", "{d}/run/checkpoints/last.pt", "--balanced"],
+     "--balance-thresholds 2 lies outside the value range [0, 1]"),
+    ("evaluate", ["--checkpoint", "{d}/run/checkpoints/last.pt", "--test-set", "{d}/two_channels.npy",
+                  "--layout", "NTCHW"], "two_channels.npy has 2 channels but"),
+    ("evaluate", ["--checkpoint", "{d}/run/checkpoints/last.pt", "--test-set", "{d}/two_channels.npy",
+                  "--layout", "NTHW"], "two_channels.npy: shape (3, 20, 2, 64, 64) is 5-D, but layout NTHW"),
+    ("evaluate", ["--checkpoint", "{d}/run/checkpoints/last.pt", "--test-set", "{d}/small_frames.npy"],
+     "small_frames.npy has frames of 32x32 but {d}/run/checkpoints/last.pt was trained on 64x64"),
+    ("evaluate", ["--checkpoint", "{d}/run/checkpoints/last.pt", "--test-set", "{d}/nan.npy",
+                  "--layout", "NTHW"], "nan.npy: 3 of 122,880 values are NaN"),
     ("data.mm", [], "the following arguments are required: command"),
     ("data.mm", ["make-test-set", "--out", "{d}/t.npy", "--num", "0"], "--num must be >= 1"),
     ("data.mm", ["make-test-set", "--out", "{d}/empty"], "--out {d}/empty is a directory"),
@@ -172,8 +225,9 @@ def test_bad_input_is_one_line_and_leaves_nothing(command, argv, words, files, m
     if command == TRAIN and "--resume" in argv:
         argv = ["--device", "cpu", "--workers", "0", *argv]
     elif command == TRAIN:
+        sizes = ["--epoch-size", "4", "--val-size", "2"] if "--train-data" not in argv else []
         argv = ["--arch", "tiny", "--device", "cpu", "--data-root", str(mnist_root), "--no-download",
-                "--workers", "0", "--epoch-size", "4", "--batch-size", "2", "--val-size", "2",
+                "--workers", "0", "--batch-size", "2", *sizes,
                 *(["--out-dir", str(out)] if "--out-dir" not in argv and "--resume" not in argv else []),
                 *argv]
     before = sorted(p.name for p in files.iterdir())

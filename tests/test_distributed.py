@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow  # torchrun launches
 def common(mnist_root):
     return ["--arch", "tiny", "--device", "cpu", "--data-root", str(mnist_root), "--no-download",
             "--workers", "0", "--epoch-size", "4", "--val-size", "4", "--log-every", "1",
-            "--frames-input", "3", "--frames-output", "3"]
+            "--frames-input", "3", "--frames-output", "3", "--thresholds", "0.1", "0.3"]
 
 
 def free_port() -> int:
@@ -108,6 +108,28 @@ def test_validation_metrics_equal_a_single_process_evaluation(runs):
     assert last["val_loss"] == pytest.approx(val_loss, rel=1e-5)
     for k in ("mse", "mae", "ssim", "psnr", "ssim_openstl"):
         assert last[k] == pytest.approx(metrics[k], rel=1e-5), k
+
+
+def test_nowcasting_scores_count_every_process_shard(runs):
+    """The contingency counts are all-reduced: two processes' CSI equals one process scoring
+    the whole validation set (to a pixel or so: the two batch their shards differently)."""
+    ckpt = load_checkpoint(runs / "two" / "checkpoints" / "last.pt")
+    config = ckpt["config"]
+    model = build_model(config["model"])
+    model.load_state_dict(ckpt["model"])
+    _, val_set = main.make_datasets(config)
+    cpu = torch.device("cpu")
+    _, metrics, _ = main.validate(model, DataLoader(val_set, batch_size=4), cpu,
+                                  autocast_context(cpu, "none"), 3, **main.scoring(config))
+    recorded = lines(runs / "two")[-1]["thresholds"]
+    assert set(recorded) == {"0.1", "0.3"}
+    for key, scores in metrics["thresholds"].items():
+        for name in ("pod", "far", "csi", "hss", "bias"):
+            want = scores["per_frame"][name]
+            got = recorded[key]["per_frame"][name]
+            assert [v is None for v in got] == [v is None for v in want], (key, name)
+            assert [v for v in got if v is not None] == pytest.approx(
+                [v for v in want if v is not None], abs=1e-3), (key, name)
 
 
 def test_stopped_and_resumed_two_process_run_continues_exactly(runs):

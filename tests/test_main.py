@@ -322,7 +322,7 @@ def test_train_on_custom_array(tmp_path):
     rng = np.random.default_rng(0)
     np.save(tmp_path / "seqs.npy", rng.integers(0, 255, (12, 8, 32, 32), dtype=np.uint8))
     result = main.main(["--arch", "tiny", "--device", "cpu", "--train-data",
-                        str(tmp_path / "seqs.npy"), "--out-dir", str(tmp_path / "run"),
+                        str(tmp_path / "seqs.npy"), "--layout", "NTHW", "--out-dir", str(tmp_path / "run"),
                         "--workers", "0", "--batch-size", "2", "--epochs", "1",
                         "--frames-input", "4", "--frames-output", "4"])
     assert math.isfinite(result["val_loss"])

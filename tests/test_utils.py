@@ -96,6 +96,36 @@ def test_tensor_round_trip_and_sum_like_all_reduce():
         metrics.MetricAccumulator(4).load_tensor(torch.zeros(5))
 
 
+def test_score_set_sums_like_one_process_in_data_units():
+    """ScoreSet: the field's metrics in the data's units (MSE scales with the range squared,
+    SSIM and PSNR don't), nowcasting counts and B-MSE; halves summed as all_reduce would."""
+    g = torch.Generator().manual_seed(2)
+    pred, target = torch.rand(4, 3, 1, 8, 8, generator=g), torch.rand(4, 3, 1, 8, 8, generator=g)
+    lo, hi = -10.0, 60.0
+    p_units, t_units = lo + (hi - lo) * pred, lo + (hi - lo) * target
+    options = dict(value_range=(lo, hi), thresholds=[5.0, 30.0], balance=([0.0, 20.0], [1.0, 2.0, 4.0]))
+    whole = metrics.ScoreSet(3, **options)
+    whole.update(p_units, t_units)
+    halves = [metrics.ScoreSet(3, **options) for _ in range(2)]
+    halves[0].update(p_units[:1], t_units[:1])
+    halves[1].update(p_units[1:], t_units[1:])
+    reduced = metrics.ScoreSet(3, **options)
+    reduced.load_tensor(halves[0].as_tensor() + halves[1].as_tensor())
+    got, want = reduced.compute(), whole.compute()
+    assert got["thresholds"] == want["thresholds"]  # counts: exact
+    for key in ("mse", "mae", "ssim", "psnr", "b_mse", "b_mae"):
+        assert got[key] == pytest.approx(want[key], rel=1e-12), key
+    unit = metrics.MetricAccumulator(3)
+    unit.update(pred, target)
+    unit = unit.compute()
+    assert want["mse"] == pytest.approx(unit["mse"] * (hi - lo) ** 2, rel=1e-6)  # float32 inputs
+    assert want["mae"] == pytest.approx(unit["mae"] * (hi - lo), rel=1e-6)
+    for key in ("ssim", "psnr", "ssim_openstl"):
+        assert want[key] == pytest.approx(unit[key], rel=1e-6), key
+    with pytest.raises(ValueError, match=r"value range \[-10, 60\]"):
+        whole.update(p_units, t_units + 100)
+
+
 def test_clipping_for_ssim_psnr_but_not_mse_mae():
     target = torch.ones(1, 1, 1, 8, 8)
     pred = torch.full_like(target, 1.5)  # clipped, this is a perfect prediction
@@ -176,7 +206,43 @@ def test_prediction_grid_rgb_and_numpy():
     grid = pictures.prediction_grid(inputs, targets, preds, max_sequences=4, pad=1)
     assert grid.shape == (1 + 9 * (8 + 1) + 2 * 2, 1 + 5 * 9, 3)
     with pytest.raises(ValueError, match="channels"):
-        pictures.prediction_grid(inputs[:, :, :2], targets[:, :, :2], preds[:, :, :2])
+        pictures.prediction_grid(inputs[:, :, :0], targets[:, :, :0], preds[:, :, :0])
+
+
+@pytest.mark.parametrize("channels", [2, 4])
+def test_other_channel_counts_draw_gray_rows_per_channel(tmp_path, channels):
+    """Each channel gets its own input, truth and prediction rows, in that order."""
+    inputs, targets, preds = _grid_videos(c=channels)
+    grid = pictures.prediction_grid(inputs, targets, preds, max_sequences=2, pad=2)
+    rows = 3 * channels
+    assert grid.shape == (2 + 2 * rows * (8 + 2) + 4, 2 + 5 * (8 + 2))  # gray: 2-D
+    for k in range(channels):
+        for r, video in enumerate((inputs, targets, preds)):
+            top = 2 + (3 * k + r) * 10
+            cell = grid[top:top + 8, 2:10]  # sequence 0, first frame
+            want = np.rint(video[0, 0, k].clamp(0, 1).numpy() * 255).astype(np.uint8)
+            np.testing.assert_array_equal(cell, want)
+    top = 2 + rows * 10 + 4  # sequence 1 starts after the wider gap
+    np.testing.assert_array_equal(grid[top:top + 8, 2:10],
+                                  np.rint(inputs[1, 0, 0].numpy() * 255).astype(np.uint8))
+
+    pictures.save_prediction_figure(tmp_path / "f.png", inputs, targets, preds, max_sequences=2)
+    with Image.open(tmp_path / "f.png") as img:
+        assert img.size[1] == 2 * grid.shape[0]
+    pictures.save_prediction_gif(tmp_path / "f.gif", inputs, targets, preds, max_sequences=2)
+    with Image.open(tmp_path / "f.gif") as img:
+        assert img.n_frames == 5 + 3
+        img.seek(5)  # the first truth | prediction frame: one pair of cells per channel
+        frame = np.asarray(img.convert("L"))
+    one = pictures.save_prediction_gif  # the same picture of a single channel is 1 row high
+    one(tmp_path / "one.gif", inputs[:, :, :1], targets[:, :, :1], preds[:, :, :1], max_sequences=2)
+    with Image.open(tmp_path / "one.gif") as img:
+        header = img.size[1] - (8 * 2 + 2 * 2)
+    assert frame.shape[0] == header + channels * (8 * 2 + 2 * 2)
+    for k in range(channels):  # channel k's truth, enlarged twice, in row k
+        y = header + k * (8 * 2 + 2 * 2)
+        want = np.rint(targets[0, 0, k].numpy() * 255).astype(np.uint8).repeat(2, 0).repeat(2, 1)
+        np.testing.assert_array_equal(frame[y:y + 16, 4:20], want)
 
 
 def test_save_prediction_figure(tmp_path):
