@@ -24,7 +24,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from checkpoints import load_checkpoint, write_json
-from data.arrays import SequenceArrayDataset, check_values, layout_type, open_sequences
+from data.arrays import SequenceArrayDataset, check_values, layout_type, open_sequences, split_spec
 from data.mm import load_test_set, make_test_set
 from devices import AMP_CHOICES, CONVS, autocast_context, pick_device, set_up, use_conv
 from flow import MIN_SIZE, optical_flow_forecast, require_opencv
@@ -157,9 +157,10 @@ def test_sequences(args, config: dict, num_digits: list[int]):
     own_data = bool(config.get("train_data"))
     if args.test_set:
         layout = args.layout or (config.get("layout") if own_data else None)
-        if layout is None:  # a Moving MNIST run: mnist_test_seq.npy's (T, N, H, W) uint8
+        if layout is None and split_spec(args.test_set)[0].suffix == ".npy":
+            # a Moving MNIST run's test set: mnist_test_seq.npy's (T, N, H, W) uint8
             return open_sequences(np.asarray(load_test_set(args.test_set)), "TNHW").sequences, args.test_set
-        opened = open_sequences(args.test_set, layout)
+        opened = open_sequences(args.test_set, layout or "TNHW")
         fill = args.fill_nan if args.fill_nan is not None else config.get("fill_nan")
         check_values(opened.raw, opened.name, config.get("value_range"), fill)
         return opened.sequences, opened.name

@@ -100,6 +100,18 @@ def test_hdf5_reads_lazily_in_its_layout_and_in_workers(tmp_path, h5py):
         assert words in str(err.value) and "group/vil float32 (6, 16, 24, 7)" in str(err.value)
 
 
+def test_an_hdf5_file_without_its_dataset_is_one_line_before_any_run_folder(tmp_path, h5py, capsys):
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f.create_dataset("radar/dbz", data=np.zeros((4, 8, 16, 16), np.float32))
+    for spec, words in ((tmp_path / "d.h5", f"{tmp_path / 'd.h5'}: name the dataset as {tmp_path / 'd.h5'}:DATASET"),
+                        (f"{tmp_path / 'd.h5'}:dbz", f"{tmp_path / 'd.h5'} has no dataset 'dbz'")):
+        argv = tiny(tmp_path / "run", "--train-data", str(spec), "--layout", "NTHW")
+        assert run_cli(main.main, argv) == 1
+        err = said(capsys.readouterr().err)
+        assert len(err) == 1 and words in err[0] and "radar/dbz float32 (4, 8, 16, 16)" in err[0], err
+        assert not (tmp_path / "run").exists()
+
+
 def test_missing_h5py_is_one_line_before_any_run_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "h5py", None)  # `import h5py` now raises ImportError
     argv = tiny(tmp_path / "run", "--train-data", f"{tmp_path / 'd.h5'}:vil", "--layout", "NHWT")
