@@ -901,7 +901,7 @@ def fit_to_budget(state: TrainState, runnable, datasets, loaders, amp_ctx, deadl
 def train(config, run, checkpoint, fork_source, train_set, val_set, rank, world, device,
           memory_format) -> dict:
     """Epochs of steps, validation and checkpoints, until the epochs, early stopping, the
-    time budget or Ctrl-C end them. Only rank 0 writes files and draws progress bars."""
+    time budget or a stop signal end them. Only rank 0 writes files and draws progress bars."""
     log = tqdm.write if rank == 0 else (lambda *a, **k: None)
     model, runnable = build(config, device, memory_format, world)
     B = config["batch_size"]

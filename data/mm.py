@@ -284,7 +284,7 @@ def generate_sequence(rng, digits, n_frames, num_digits, image_size=64, digit_si
 def _sample_rng(seed, stream, rank, epoch, index):
     # SeedSequence mixes all five numbers, so neighbouring seeds, epochs and indices give
     # unrelated sequences. `rank` is always 0 now (main.py shards by index, see its
-    # rank_share); it stays in the key so that every sequence is the one earlier versions drew.
+    # EpochSampler); it stays in the key so that every sequence is the one earlier versions drew.
     return np.random.default_rng(np.random.SeedSequence([seed, stream, rank, epoch, index]))
 
 
