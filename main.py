@@ -6,15 +6,15 @@
 
 A run is a folder (default runs/<timestamp>-<arch>) holding config.json, TensorBoard
 events, metrics.jsonl (one line per finished epoch) and checkpoints/{last,best}.pt; see
-runfolder.py. This file reads top to bottom: flags, config, data, the recipe (early
-stopping, the training state a checkpoint holds; the LR schedule's shape and its fit to
---time-budget live in schedule.py), the loop.
+runfolder.py. This file reads top to bottom: flags, config, the recipe (early stopping,
+the training state a checkpoint holds), validation, the loop. Beside it: the datasets and
+their order in data/loading.py, the LR schedule's shape and its fit to --time-budget in
+schedule.py, stop signals in stopping.py, torchrun in distributed.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import io
 import itertools
@@ -26,25 +26,26 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from checkpoints import load_checkpoint, load_weights
-from data.arrays import SequenceArrayDataset, check_values, layout_type, open_sequences, split_holdout
-from data.mm import MovingMNIST
+from data.arrays import layout_type, split_holdout
+from data.loading import (EpochSampler, check_train_shape, data_frame_size, epoch_order, make_datasets,
+                          make_loaders, open_train_data)
 from devices import (AMP_CHOICES, CONVS, autocast_context, pick_device, resolve_amp, set_up,
                      synchronize, use_conv)
 from distributed import (agree, agree_max, all_sum, broadcast, close_distributed, init_distributed,
                          parallel, rank0_first)
 from metrics import METRIC_NAMES, check_balance, check_thresholds, score
-from model import (build_model, check_preset, count_parameters, fit_to_data, frame_size, to_unit,
-                   total_stride)
-from net_params import Preset, get_preset
+from model import build_model, check_preset, count_parameters, fit_to_data, to_unit
+from net_params import get_preset
 from nowcast import BALANCE_THRESHOLDS, BALANCE_WEIGHTS, SCORE_NAMES
 from pictures import prediction_grid
 from runfolder import RunFolder, has_checkpoint, locate_run, new_run_dir, recorded_history
 from schedule import (CALIBRATION_STEPS, DECAYING, budget_warning, calibrate, fit_epochs, fit_message,
                       fitted_record, lr_factor, reanchor)
+from stopping import Interrupted, StopRequest, worker_deaths
 from training import LOSSES, grad_scaler, train_step
 from utils import (DEFAULT_DATA_ROOT, ArgumentParser, UsageError, check, check_memory, first_line,
                    memory_available, rng_state, run_cli, seed_everything, set_rng_state)
@@ -462,119 +463,6 @@ def check_step_memory(config: dict, frame: tuple[int, int], device: torch.device
 
 
 # ----------------------------------------------------------------------------------------
-# Data
-
-def open_train_data(config: dict, guess_layout: bool = True):
-    """--train-data opened in its layout (data.arrays.Opened), its values not read yet."""
-    return open_sequences(config["train_data"], config["layout"], guess_layout=guess_layout)
-
-
-def check_train_shape(opened, config: dict, preset: Preset, fitted: bool = False) -> None:
-    """The sequences are long enough and the frames pass the preset's strides; `fitted`:
-    they are also the ones the run's model was fitted to (a run that started)."""
-    _, T, C, H, W = opened.sequences.shape
-    fi, fo = config["frames_input"], config["frames_output"]
-    check(min(H, W) >= 7, f"--train-data frames are {H}x{W}; SSIM needs at least 7x7")
-    stride = total_stride(preset)
-    check(H % stride == 0 and W % stride == 0,
-          f"--train-data frames are {H}x{W}, but the preset's stages downsample by {stride}; "
-          f"crop them to a multiple of {stride}")
-    check(fi + fo <= T, f"--train-data {opened.name}: {fi} input + {fo} output frames "
-                        f"(--frames-input, --frames-output) don't fit in sequences of {T} frames; "
-                        f"lower them, or check --layout ({opened.layout}: T is axis "
-                        f"{opened.layout.index('T') + 1})")
-    if fitted:
-        # Runs of versions before --layout fitted only the channels; their image_size is the preset's.
-        want = frame_size(preset) if config["layout"] is not None else (H, W)
-        check((C, H, W) == (preset.frame_channels, *want),
-              f"--train-data {opened.name} holds frames of {C}x{H}x{W} (CxHxW) but this run's "
-              f"model was fitted to {preset.frame_channels}x{want[0]}x{want[1]}; resume with "
-              f"that data, or start a new run")
-
-
-def make_datasets(config: dict, warn: bool = True) -> tuple[Dataset, Dataset]:
-    """Training and validation sets; every problem with the data is a UsageError here.
-    `warn`: say how many values --value-range clips (rank 0 says it for all)."""
-    fi, fo = config["frames_input"], config["frames_output"]
-    model = config["model"]
-    if config["train_data"]:
-        opened = open_train_data(config)
-        check_train_shape(opened, config, Preset.from_dict(model), fitted=True)
-        check_values(opened.raw, opened.name, config["value_range"], config["fill_nan"], warn=warn)
-        train_idx, val_idx = split_holdout(len(opened.sequences), config["holdout_fraction"])
-        if config.get("dry_run"):
-            train_idx, val_idx = train_idx[:config["epoch_size"]], val_idx[:config["val_size"]]
-        units = dict(value_range=config["value_range"], fill_nan=config["fill_nan"])
-        return (SequenceArrayDataset(opened.sequences, fi, fo, indices=train_idx, **units),
-                SequenceArrayDataset(opened.sequences, fi, fo, indices=val_idx, **units))
-    root = Path(config["data_root"])
-    check(not root.exists() or root.is_dir(),
-          f"--data-root {root} is a file; name the folder that holds the MNIST files")
-    common = dict(n_frames_input=fi, n_frames_output=fo, num_objects=config["num_digits"],
-                  seed=config["seed"], image_size=model["image_size"],
-                  download=not config["no_download"])
-    train = MovingMNIST(config["data_root"], True, length=config["epoch_size"], **common)
-    val = MovingMNIST(config["data_root"], False, length=config["val_size"], **common)
-    return train, val
-
-
-def data_frame_size(dataset: Dataset) -> tuple[int, int]:
-    """(H, W) of the dataset's frames; Moving MNIST's without drawing a sequence."""
-    if isinstance(dataset, MovingMNIST):
-        return dataset.image_size, dataset.image_size
-    return tuple(dataset[0][0].shape[-2:])
-
-
-def epoch_order(dataset: Dataset, config: dict, epoch: int):
-    """An epoch's samples in step order. A Moving MNIST sample is a function of (seed, epoch,
-    index): the sampler yields (epoch, index), which persistent workers read too, made on
-    demand so that an epoch of any --epoch-size takes no memory. A fixed array is shuffled
-    by a generator keyed on (seed, epoch)."""
-    if isinstance(dataset, MovingMNIST):
-        return EpochIndices(epoch, len(dataset))
-    g = torch.Generator().manual_seed(config["seed"] * 1_000_003 + epoch)
-    return torch.randperm(len(dataset), generator=g).tolist()
-
-
-class EpochIndices:
-    """(epoch, 0), (epoch, 1), ... (epoch, n - 1), as a sequence that stores none of them."""
-
-    def __init__(self, epoch: int, n: int):
-        self.epoch, self.n = epoch, n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i: int):
-        return (self.epoch, i)
-
-
-class EpochSampler:
-    """This process's samples of the current epoch, from `start` on; one DataLoader (and its
-    workers) serves all epochs.
-
-    Step s covers positions start + s*B*world ... of `order`, and rank r takes the r-th
-    slice of B. So N processes of batch B see exactly the sequences that one process of
-    batch N*B sees.
-    """
-
-    def __init__(self):
-        self.order, self.start, self.batch, self.rank, self.world = [], 0, 1, 0, 1
-
-    def set(self, order, start: int, batch: int, rank: int, world: int) -> None:
-        self.order, self.start, self.batch, self.rank, self.world = order, start, batch, rank, world
-
-    def __len__(self):
-        return (len(self.order) - self.start) // (self.batch * self.world) * self.batch
-
-    def __iter__(self):
-        for step in range(len(self) // self.batch):
-            first = self.start + step * self.batch * self.world + self.rank * self.batch
-            for j in range(self.batch):
-                yield self.order[first + j]
-
-
-# ----------------------------------------------------------------------------------------
 # Training state: what a checkpoint holds
 
 # Frames lie in [0, 1], so a prediction in that range has a per-pixel loss of at most 1 (2
@@ -718,73 +606,6 @@ class TrainState:
 
 
 # ----------------------------------------------------------------------------------------
-# Stopping early: signals, the time budget, and DataLoader workers that leave the signals alone
-
-# Ctrl-C; scancel, a job's end and torchrun passing either on; a closed ssh session; Slurm's
-# warning before the time limit (--signal=USR1@SECONDS). Windows has the first two only.
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1")
-                     if hasattr(signal, name))
-
-
-class StopRequest:
-    """A stop signal asks the loop to stop after the current step and save where it is;
-    a second Ctrl-C stops at once. `signum` is the signal's number, 0 without one."""
-
-    def __init__(self):
-        self.signum = 0
-
-    def __enter__(self):
-        self._old = {}
-        try:
-            for sig in STOP_SIGNALS:
-                self._old[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = self.signum or signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
-class Interrupted(KeyboardInterrupt):
-    """A run stopped by a signal after saving; the message says how to resume, and the
-    exit code is 128 + the signal's number, as a shell reports a process it ended."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """A DataLoader worker's worker_init_fn: a signal to the whole process group (Ctrl-C,
-    scancel) is the main process's to handle; a worker it killed would crash the run."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-
-class Loader(DataLoader):
-    """A DataLoader whose workers start with the stop signals blocked (and then ignore them,
-    see ignore_stop_signals), so that no signal kills one before it can ignore it."""
-
-    def __iter__(self):
-        if not self.num_workers or not hasattr(signal, "pthread_sigmask"):
-            return super().__iter__()
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # forked workers inherit it
-        try:
-            return super().__iter__()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # pending signals arrive here
-
-
-# ----------------------------------------------------------------------------------------
 # Validation
 
 NOWCAST_KEYS = ("b_mse", "b_mae", "thresholds")  # what --balanced and --thresholds add to an epoch
@@ -850,16 +671,6 @@ def build(config: dict, device: torch.device, memory_format, world: int):
     runnable = torch.compile(model) if config["compile"] else model
     return model, parallel(runnable, device, world)
 
-
-def make_loaders(train_set, val_set, config: dict, device: torch.device, rank: int, world: int):
-    """(sampler, training loader, validation loader): one of each for the whole run, so
-    workers can persist; the sampler holds the current epoch's indices."""
-    sampler = EpochSampler()
-    workers = config["workers"]
-    kw = dict(batch_size=config["batch_size"], num_workers=workers, pin_memory=device.type == "cuda",
-              persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals if workers else None)
-    val_shard = Subset(val_set, range(rank, len(val_set), world))  # its sums are all-reduced
-    return sampler, Loader(train_set, sampler=sampler, **kw), Loader(val_shard, **kw)
 
 
 def fit_to_budget(state: TrainState, runnable, datasets, loaders, amp_ctx, deadline: float,
@@ -975,22 +786,6 @@ def train(config, run, checkpoint, fork_source, train_set, val_set, rank, world,
                 break
     return state.history[-1] if state.history else {}
 
-
-@contextlib.contextmanager
-def worker_deaths(run: RunFolder):
-    """A DataLoader worker that dies (killed for memory, mostly) ends the run with one line;
-    last.pt stays the last state saved. PyTorch reports it as a RuntimeError from the loader,
-    or from its SIGCHLD handler wherever the main process is."""
-    try:
-        yield
-    except RuntimeError as err:
-        if "DataLoader worker" not in str(err):
-            raise
-        saved = (f"{run.checkpoints / 'last.pt'} holds the last state saved: continue with the same "
-                 f"command and --resume" if has_checkpoint(run.path) else "nothing was saved yet")
-        what = str(err).strip().splitlines()[0].rstrip(". ")[:200]
-        raise UsageError(f"{what} (out of memory?); {saved}; fewer --workers or a smaller "
-                         f"--batch-size need less memory") from None
 
 
 def train_epoch(state: TrainState, model, loader, amp_ctx, run: RunFolder, stop: StopRequest,
