@@ -43,7 +43,7 @@ from net_params import get_preset
 from nowcast import BALANCE_THRESHOLDS, BALANCE_WEIGHTS, SCORE_NAMES
 from pictures import prediction_grid
 from runfolder import RunFolder, has_checkpoint, locate_run, new_run_dir, recorded_history
-from schedule import (CALIBRATION_STEPS, DECAYING, budget_warning, calibrate, fit_epochs, fit_message,
+from schedule import (CALIBRATION_STEPS, DECAYING, budget_warning, calibrate, fit_length, fit_message,
                       fitted_record, lr_factor, reanchor)
 from stopping import Interrupted, StopRequest, worker_deaths
 from training import LOSSES, grad_scaler, train_step
@@ -102,7 +102,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "else the preset's, 200 for convlstm)")
     p.add_argument("--epoch-size", type=int, default=None, metavar="N",
                    help="Moving MNIST sequences per epoch; an epoch of --train-data is its "
-                        "whole training part (default: the preset's, 10000 for convlstm)")
+                        "whole training part (default: the preset's, 10000 for convlstm; a "
+                        "schedule fitted to --time-budget sizes it to fill the budget)")
     p.add_argument("--val-size", type=int, default=1000, metavar="N",
                    help="fixed Moving MNIST validation sequences from held-out digits; "
                         "--train-data holds out --holdout-fraction instead (default: 1000)")
@@ -163,7 +164,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "that --resume continues exactly; it counts from this start, and a "
                         "resumed run has none unless given. A new onecycle or cosine run without "
                         "--epochs first times a few steps and a validation, then fits its epochs "
-                        "to the budget (config.json's fitted; --resume keeps them); with --epochs "
+                        "to the budget, and their size without --epoch-size (config.json's "
+                        "fitted; --resume keeps them); with --epochs "
                         "it keeps them and warns after epoch 1 if they won't fit; plateau only "
                         "stops (default: none)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
@@ -267,7 +269,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
         config.update(epochs=1, epoch_size=config["batch_size"] * world,
                       val_size=min(config["val_size"], config["batch_size"]))
     elif args.time_budget is not None and args.epochs is None and config["schedule"] in DECAYING:
-        config["fitted"] = {}  # train() fits the epochs to the budget (fit_to_budget)
+        # train() fits the epochs to the budget (fit_to_budget), and their size where it is free
+        config["fitted"] = {"free_epoch_size": args.epoch_size is None and not config["train_data"]}
     return config
 
 
@@ -675,9 +678,10 @@ def build(config: dict, device: torch.device, memory_format, world: int):
 
 def fit_to_budget(state: TrainState, runnable, datasets, loaders, amp_ctx, deadline: float,
                   log) -> TrainState:
-    """Time this machine on a throw-away start, fix the schedule's epochs to what fits
-    before `deadline` (schedule.py), record them in the config, and return a fresh
-    training state from the very same start: weights, RNG states, a new optimizer."""
+    """Time this machine on a throw-away start, fix the schedule's epochs (and the size of a
+    Moving MNIST epoch, where --epoch-size wasn't given) to what fits before `deadline`
+    (schedule.py), record them in the config, and return a fresh training state from the
+    very same start: weights, RNG states, a new optimizer."""
     config, model, device, rank, world = state.config, state.model, state.device, state.rank, state.world
     (train_set, _), (sampler, train_loader, val_loader) = datasets, loaders
     B, start = config["batch_size"], (copy.deepcopy(model.state_dict()), rng_state())
@@ -702,11 +706,15 @@ def fit_to_budget(state: TrainState, runnable, datasets, loaders, amp_ctx, deadl
     set_rng_state(start[1])
     speed = broadcast(speed, rank)  # every process trains rank 0's length
     seconds_left = broadcast(deadline - time.time(), rank)
-    fits = fit_epochs(speed, state.steps_per_epoch, seconds_left)
-    config["fitted"] = fitted_record(speed, fits, state.steps_per_epoch, seconds_left)
-    config["epochs"] = config["fitted"]["epochs"]
-    log(fit_message(config, config["fitted"], fits))
-    return TrainState(config, model, state.steps_per_epoch, device, rank, world)
+    epochs, steps, fits = fit_length(speed, state.steps_per_epoch, seconds_left,
+                                     config["fitted"].get("free_epoch_size", False))
+    resized = steps != state.steps_per_epoch
+    if resized:  # Moving MNIST makes any number of sequences an epoch
+        config["epoch_size"] = train_set.length = steps * B * world
+    config["fitted"] = fitted_record(speed, epochs, steps, seconds_left)
+    config["epochs"] = epochs
+    log(fit_message(config, config["fitted"], fits, resized))
+    return TrainState(config, model, steps, device, rank, world)
 
 
 def train(config, run, checkpoint, fork_source, train_set, val_set, rank, world, device,
@@ -739,8 +747,11 @@ def train(config, run, checkpoint, fork_source, train_set, val_set, rank, world,
         log(note)
     deadline = None if config["time_budget"] is None else time.time() + 60 * config["time_budget"]
     if checkpoint is None and deadline is not None and config.get("fitted") is not None:
+        size = len(train_set)
         state = fit_to_budget(state, runnable, (train_set, val_set),
                               (sampler, train_loader, val_loader), amp_ctx, deadline, log)
+        if len(train_set) != size:  # the fit sized the epochs: new workers, which see the size
+            sampler, train_loader, val_loader = make_loaders(train_set, val_set, config, device, rank, world)
     first_epoch = state.epoch
     forking = checkpoint is not None and not has_checkpoint(run.path)
     with run.opened(config, checkpoint, fork_source), StopRequest() as stop, worker_deaths(run):

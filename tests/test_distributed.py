@@ -95,15 +95,22 @@ def test_one_run_folder_written_by_rank_zero_only(runs):
     assert len([p for p in runs.iterdir()]) == 3  # two, one, split: no stray folders
 
 
-def test_validation_metrics_equal_a_single_process_evaluation(runs):
-    ckpt = load_checkpoint(runs / "two" / "checkpoints" / "last.pt")
+def validate_alone(run, batch_size: int, scored: bool = False):
+    """A run's last checkpoint validated by one process on the whole validation set;
+    `scored`: with the run's nowcasting scores."""
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     config = ckpt["config"]
     model = build_model(config["model"])
     model.load_state_dict(ckpt["model"])
     _, val_set = main.make_datasets(config)
     cpu = torch.device("cpu")
-    val_loss, metrics, _ = main.validate(model, DataLoader(val_set, batch_size=3), cpu,
-                                         autocast_context(cpu, "none"), 3)
+    scoring = main.scoring(config) if scored else {}
+    return main.validate(model, DataLoader(val_set, batch_size=batch_size), cpu,
+                         autocast_context(cpu, "none"), 3, **scoring)
+
+
+def test_validation_metrics_equal_a_single_process_evaluation(runs):
+    val_loss, metrics, _ = validate_alone(runs / "two", 3)
     last = lines(runs / "two")[-1]
     assert last["val_loss"] == pytest.approx(val_loss, rel=1e-5)
     for k in ("mse", "mae", "ssim", "psnr", "ssim_openstl"):
@@ -113,14 +120,7 @@ def test_validation_metrics_equal_a_single_process_evaluation(runs):
 def test_nowcasting_scores_count_every_process_shard(runs):
     """The contingency counts are all-reduced: two processes' CSI equals one process scoring
     the whole validation set (to a pixel or so: the two batch their shards differently)."""
-    ckpt = load_checkpoint(runs / "two" / "checkpoints" / "last.pt")
-    config = ckpt["config"]
-    model = build_model(config["model"])
-    model.load_state_dict(ckpt["model"])
-    _, val_set = main.make_datasets(config)
-    cpu = torch.device("cpu")
-    _, metrics, _ = main.validate(model, DataLoader(val_set, batch_size=4), cpu,
-                                  autocast_context(cpu, "none"), 3, **main.scoring(config))
+    _, metrics, _ = validate_alone(runs / "two", 4, scored=True)
     recorded = lines(runs / "two")[-1]["thresholds"]
     assert set(recorded) == {"0.1", "0.3"}
     for key, scores in metrics["thresholds"].items():

@@ -12,6 +12,7 @@ import torch
 
 import devices
 import main
+import net_params
 from checkpoints import load_checkpoint
 import schedule
 from test_main import lines, same_numbers, same_weights
@@ -138,6 +139,45 @@ def test_kill_and_resume_of_a_fitted_run_equals_the_run_uninterrupted(mnist_root
     assert torch.equal(*rngs)
 
 
+def test_a_free_epoch_size_is_fitted_to_fill_the_budget(mnist_root, tmp_path, clock, monkeypatch, capsys):
+    """Without --epoch-size, a Moving MNIST run sizes its epochs too: here 2.7 epochs of the
+    preset's 4 steps fit, and 2 epochs of 5 steps fill what the third would have left."""
+    monkeypatch.setattr(net_params.PRESETS["tiny"], "epoch_size", 8)  # 4 steps of batch 2
+    clock.step, clock.batch = 5.0, 2.0
+    budget = 1 * 5 + schedule.CALIBRATION_STEPS * 5 + (1 + schedule.VAL_BATCHES) * 2 + 62.5
+
+    def fitted(run, *extra):
+        args = quick(mnist_root, tmp_path / run, *ONECYCLE, *extra)
+        at = args.index("--epoch-size")
+        return args[:at] + args[at + 2:]
+
+    start = clock.now
+    main.main(fitted("straight", "--time-budget", str(budget / 60)))
+    config, history = config_of(tmp_path / "straight"), lines(tmp_path / "straight")
+    assert (config["epochs"], config["fitted"]["steps_per_epoch"], config["epoch_size"]) == (2, 5, 10)
+    assert "fitted the schedule to the budget: 2 epochs of 5 steps (10 sequences; 5 s a step" in capsys.readouterr().out
+    assert [r["step"] for r in history] == [5, 10] and history[-1]["lr"] == pytest.approx(2e-3 / 25e4)
+    assert clock.now <= start + budget
+
+    # Killed in epoch 2 and resumed: the same run, which is the run told its length outright.
+    stepping, calls = main.train_step, []
+
+    def step_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1 + schedule.CALIBRATION_STEPS + 7:
+            os.kill(os.getpid(), signal.SIGINT)
+        return stepping(*args, **kwargs)
+
+    monkeypatch.setattr(main, "train_step", step_then_ctrl_c)
+    assert run_cli(main.main, fitted("killed", "--time-budget", str(budget / 60))) == 130
+    monkeypatch.setattr(main, "train_step", stepping)
+    main.main(fitted("killed", "--time-budget", str(budget / 60)) + ["--resume"])
+    main.main(fitted("told", "--epochs", "2", "--epoch-size", "10"))
+    for other in ("killed", "told"):
+        same_numbers(history, lines(tmp_path / other))
+        same_weights(tmp_path / "straight", tmp_path / other)
+
+
 def test_a_gpu_users_budget_fits_the_default_convlstm_schedule(mnist_root, tmp_path, clock,
                                                               monkeypatch, capsys):
     """`python main.py --time-budget 120`, the default preset, on a machine whose step takes
@@ -167,19 +207,22 @@ def test_a_gpu_users_budget_fits_the_default_convlstm_schedule(mnist_root, tmp_p
     config = config_of(run)
     fitted = config["fitted"]
     assert config["arch"] == "convlstm" and config["schedule"] == "onecycle"
-    assert fitted["steps_per_epoch"] == 10_000 // 16 and fitted["step_seconds"] == pytest.approx(0.25)
+    assert fitted["step_seconds"] == pytest.approx(0.25)
     assert fitted["validation_seconds"] == pytest.approx(0.1 * 63)  # 1,000 sequences, batch 16
-    epoch = 625 * 0.25 + 0.1 * 63 + schedule.CHECKPOINTS_PER_EPOCH * fitted["checkpoint_seconds"]
-    assert config["epochs"] == fitted["epochs"] and config["epochs"] * epoch <= fitted["seconds_left"]
-    assert (config["epochs"] + 1) * epoch > fitted["seconds_left"] * (1 - schedule.SAFETY)
+    # Epochs of the preset's 625 steps, as many as fit, then each stretched to fill the budget.
+    epochs, steps, usable = config["epochs"], fitted["steps_per_epoch"], fitted["seconds_left"] * (1 - schedule.SAFETY)
+    per_epoch = 0.1 * 63 + schedule.CHECKPOINTS_PER_EPOCH * fitted["checkpoint_seconds"]
+    assert epochs == fitted["epochs"] and (epochs + 1) * (625 * 0.25 + per_epoch) > usable
+    assert config["epoch_size"] == 16 * steps and 625 <= steps <= 625 * (epochs + 1) / epochs
+    assert epochs * (steps * 0.25 + per_epoch) <= usable < epochs * ((steps + 1) * 0.25 + per_epoch)
     assert 120 * 60 - 60 < fitted["seconds_left"] < 120 * 60  # calibration took seconds
-    assert f"fitted the schedule to the budget: {config['epochs']} epochs of 625 steps" in capsys.readouterr().out
+    assert f"fitted the schedule to the budget: {epochs} epochs of {steps} steps" in capsys.readouterr().out
 
     # The LR schedule that training steps through: up to the peak, down to its end at the
     # fitted length's last step.
-    state = main.TrainState(config, torch.nn.Linear(1, 1), 625, torch.device("cpu"))
+    state = main.TrainState(config, torch.nn.Linear(1, 1), steps, torch.device("cpu"))
     lrs = []
-    for _ in range(config["epochs"] * 625):
+    for _ in range(epochs * steps):
         state.optimizer.step()
         state.scheduler.step()
         lrs.append(state.lr)
