@@ -43,8 +43,8 @@ from net_params import get_preset
 from nowcast import BALANCE_THRESHOLDS, BALANCE_WEIGHTS, SCORE_NAMES
 from pictures import prediction_grid
 from runfolder import RunFolder, has_checkpoint, locate_run, new_run_dir, recorded_history
-from schedule import (CALIBRATION_STEPS, DECAYING, budget_warning, calibrate, fit_length, fit_message,
-                      fitted_record, lr_factor, reanchor)
+from schedule import (CALIBRATION_STEPS, DECAYING, budget_warning, calibrate, calibration_seconds, fit_length,
+                      fit_message, fitted_record, lr_factor, reanchor)
 from stopping import Interrupted, StopRequest, worker_deaths
 from training import LOSSES, grad_scaler, train_step
 from utils import (DEFAULT_DATA_ROOT, ArgumentParser, UsageError, check, check_memory, first_line,
@@ -104,9 +104,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="Moving MNIST sequences per epoch; an epoch of --train-data is its "
                         "whole training part (default: the preset's, 10000 for convlstm; a "
                         "schedule fitted to --time-budget sizes it to fill the budget)")
-    p.add_argument("--val-size", type=int, default=1000, metavar="N",
-                   help="fixed Moving MNIST validation sequences from held-out digits; "
-                        "--train-data holds out --holdout-fraction instead (default: 1000)")
+    p.add_argument("--val-size", type=int, default=None, metavar="N",
+                   help="fixed Moving MNIST validation sequences from held-out digits, scored "
+                        "after every epoch; --train-data holds out --holdout-fraction instead "
+                        "(default: the preset's, 1000 for convlstm, 250 for tiny)")
     p.add_argument("--batch-size", type=int, default=None, metavar="B",
                    help="sequences per step and process (default: the preset's, 16 for convlstm)")
     p.add_argument("--lr", type=float, default=None,
@@ -246,7 +247,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
     # itself stays, so that a resumed run resolves auto again on its own device
     config = {FLAG_KEYS.get(k, k): v for k, v in vars(args).items() if k not in ("resume", "out_dir")}
     config["amp_requested"] = args.amp
-    for key in ("epochs", "batch_size", "lr", "epoch_size"):  # flags override the preset's
+    for key in ("epochs", "batch_size", "lr", "epoch_size", "val_size"):  # flags override the preset's
         if config[key] is None:
             config[key] = getattr(preset, key)
     if config["warmup"] is None:
@@ -701,7 +702,8 @@ def fit_to_budget(state: TrainState, runnable, datasets, loaders, amp_ctx, deadl
                  config["frames_output"])
 
     speed = calibrate(train_steps, validate_batches, len(val_loader),
-                      lambda: torch.save(state.state_dict(), io.BytesIO()), lambda: synchronize(device))
+                      lambda: torch.save(state.state_dict(), io.BytesIO()), lambda: synchronize(device),
+                      calibration_seconds(deadline - time.time()))
     model.load_state_dict(start[0])
     set_rng_state(start[1])
     speed = broadcast(speed, rank)  # every process trains rank 0's length

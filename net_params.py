@@ -71,6 +71,7 @@ class Preset:
     # that won tiny's study (docs/results.md); unverified on these presets until a GPU run.
     lr: float = 3e-4
     epoch_size: int = 10_000   # sequences per epoch, as in the original
+    val_size: int = 1_000      # validation sequences scored after every epoch
     epochs: int = 200          # the schedule's length, as OpenSTL's; early stopping may end it
 
     def to_dict(self) -> dict:
@@ -140,7 +141,10 @@ PRESETS: dict[str, Preset] = {
         batch_size=8,
         lr=3e-3,           # the one-cycle peak that won the study
         epoch_size=2_000,  # short epochs: the schedule and early stopping act within minutes
-        epochs=16,         # one cycle in 15 minutes on 2 CPU cores with --amp bf16
+        # 1,000 took 41 s an epoch on a 2-core AVX2 CPU, 15% of its 15 minutes; 250 leave
+        # that time to training (docs/results.md, the slow-CPU study)
+        val_size=250,
+        epochs=16,         # without --time-budget; the quick start fits its own length
     ),
 }
 

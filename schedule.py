@@ -5,9 +5,10 @@ or, for a new onecycle or cosine run with --time-budget and no --epochs, what fi
 budget on this machine (main.fit_to_budget drives it):
 
 1. `calibrate` times, on a throw-away start that main.py then undoes (weights and RNG
-   states back, a fresh optimizer), one warm-up step, CALIBRATION_STEPS training steps, a
-   validation of VAL_BATCHES batches after one warm-up batch, and one checkpoint written to
-   memory. So the run trains exactly as one started with --epochs set to the fitted value.
+   states back, a fresh optimizer), one warm-up step, rounds of CALIBRATION_STEPS
+   training steps until 2% of the budget has passed (5 to 60 s), a validation of
+   VAL_BATCHES batches after one warm-up batch, and one checkpoint written to memory. So
+   the run trains exactly as one started with --epochs set to the fitted value.
 2. `fit_length` takes the most epochs whose steps, validations and checkpoints end inside
    what is left of the budget, less SAFETY for what calibration can't see (DataLoader
    start-ups, logging, a machine that slows down). Where the epoch's size is free (Moving
@@ -29,7 +30,9 @@ import time
 from dataclasses import asdict, dataclass
 
 DECAYING = ("onecycle", "cosine")  # schedules with an end, and so a length to fit
-CALIBRATION_STEPS = 8  # timed training steps, after one warm-up step
+CALIBRATION_STEPS = 8  # timed training steps a round, after one warm-up step
+CALIBRATION_ROUNDS = 16  # at most
+CALIBRATION_SHARE, CALIBRATION_SECONDS = 0.02, (5.0, 60.0)  # rounds until 2% of the budget, in bounds
 VAL_BATCHES = 3        # timed validation batches, after one warm-up batch
 SAFETY = 0.05          # share of the remaining budget held back
 CHECKPOINTS_PER_EPOCH = 2  # last.pt, and best.pt whenever the epoch is the best so far
@@ -89,16 +92,28 @@ class Speed:
         return steps_per_epoch * self.step + self.validation + CHECKPOINTS_PER_EPOCH * self.checkpoint
 
 
-def calibrate(train_steps, validate, val_batches: int, save, sync) -> Speed:
+def calibration_seconds(seconds_left: float) -> float:
+    """How long to time training steps: CALIBRATION_SHARE of the budget, within bounds."""
+    return min(max(CALIBRATION_SHARE * seconds_left, CALIBRATION_SECONDS[0]), CALIBRATION_SECONDS[1])
+
+
+def calibrate(train_steps, validate, val_batches: int, save, sync, seconds: float = 0.0) -> Speed:
     """Time this machine: `train_steps(n)` runs n training steps, `validate(n)` validates
     n batches, `save()` writes a checkpoint, `sync()` waits for the device's queued work;
     `val_batches` is the size of a whole validation in batches. The first step and the
-    first batch only warm up (allocations, cuDNN autotuning, torch.compile's graphs)."""
+    first batch only warm up (allocations, cuDNN autotuning, torch.compile's graphs).
+    Steps run in rounds of CALIBRATION_STEPS until `seconds` have passed (at most
+    CALIBRATION_ROUNDS rounds): a few seconds of a shared CPU are off by 15% either way."""
     train_steps(1)
     sync()
     t0 = time.time()
-    train_steps(CALIBRATION_STEPS)
-    sync()
+    steps = 0
+    while steps < CALIBRATION_ROUNDS * CALIBRATION_STEPS:
+        train_steps(CALIBRATION_STEPS)
+        sync()
+        steps += CALIBRATION_STEPS
+        if time.time() - t0 >= seconds:
+            break
     t1 = time.time()
     validate(1)
     sync()
@@ -108,7 +123,7 @@ def calibrate(train_steps, validate, val_batches: int, save, sync) -> Speed:
     t3 = time.time()
     save()
     t4 = time.time()
-    return Speed(step=(t1 - t0) / CALIBRATION_STEPS,
+    return Speed(step=(t1 - t0) / steps,
                  validation=(t3 - t2) / VAL_BATCHES * val_batches, checkpoint=t4 - t3)
 
 

@@ -139,6 +139,33 @@ def test_kill_and_resume_of_a_fitted_run_equals_the_run_uninterrupted(mnist_root
     assert torch.equal(*rngs)
 
 
+def test_calibration_times_steps_for_its_share_of_the_budget(monkeypatch):
+    """Rounds of steps until calibration_seconds have passed, averaged over all of them (a
+    machine whose steps slow from 0.5 to 1 s is timed at what it then runs), and never
+    more than CALIBRATION_ROUNDS rounds, even where steps take no time."""
+    now, steps = [0.0], []
+
+    def train_steps(n):
+        for _ in range(n):
+            steps.append(1)
+            now[0] += 0.5 if len(steps) <= 9 else 1.0
+
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    seconds = schedule.calibration_seconds(15 * 60)
+    assert seconds == pytest.approx(18.0)  # 2% of 15 minutes
+    speed = schedule.calibrate(train_steps, lambda n: None, 1, lambda: None, lambda: None, seconds)
+    timed = len(steps) - 1  # after the warm-up step
+    assert timed % schedule.CALIBRATION_STEPS == 0 and timed * 1.0 - 4 >= seconds
+    assert speed.step == pytest.approx((8 * 0.5 + (timed - 8) * 1.0) / timed)
+    assert speed.step > 0.8  # a first round alone would have said 0.5 s
+
+    steps.clear()
+    monkeypatch.setattr(time, "time", lambda: 0.0)
+    schedule.calibrate(train_steps, lambda n: None, 1, lambda: None, lambda: None, seconds)
+    assert len(steps) == 1 + schedule.CALIBRATION_ROUNDS * schedule.CALIBRATION_STEPS
+    assert schedule.calibration_seconds(60) == 5.0 and schedule.calibration_seconds(7200) == 60.0
+
+
 def test_a_free_epoch_size_is_fitted_to_fill_the_budget(mnist_root, tmp_path, clock, monkeypatch, capsys):
     """Without --epoch-size, a Moving MNIST run sizes its epochs too: here 2.7 epochs of the
     preset's 4 steps fit, and 2 epochs of 5 steps fill what the third would have left."""
