@@ -588,10 +588,11 @@ def make_cell(name: str, input_channels: int, hidden_channels: int, kernel_size:
 INPUT_CONVS = ("auto", "batched", "fused")
 # With input_conv="auto", a layer whose cells take at most this many input channels runs
 # the fused step (one convolution over cat(x, h) a frame); wider inputs run the input
-# convolution batched over all T frames. With few input channels the batched convolution
-# is a poor fit for oneDNN on the CPU (issue 18). Provisional until tools/bench_layers.py
-# has measured the crossover: its table prints both strategies per shape.
-FUSE_MAX_INPUT_CHANNELS = 4
+# convolution batched over all T frames, as run_cell does. Measured with
+# tools/bench_layers.py on a quiet 2-core AVX2 CPU (docs/speed.md), neither strategy won
+# beyond the +-10% noise at 1, 8 or 64 input channels, so auto batches everywhere; raise
+# this where a measurement on your hardware says fused wins on thin inputs.
+FUSE_MAX_INPUT_CHANNELS = 0
 
 
 def _is_int(value) -> bool:

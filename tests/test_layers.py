@@ -246,8 +246,11 @@ def input_conv_batch(layer, x):
     return seen
 
 
-def test_auto_fuses_the_layers_with_few_input_channels():
-    n = ConvRNN.FUSE_MAX_INPUT_CHANNELS
+def test_auto_batches_by_default_and_fuses_up_to_the_threshold(monkeypatch):
+    one = ConvLSTM(1, 4, 3)  # the default threshold (0, measured): raw frames run batched too
+    assert input_conv_batch(one, torch.randn(2, 3, 1, 6, 6)) == [2 * 3]
+    n = 4
+    monkeypatch.setattr(ConvRNN, "FUSE_MAX_INPUT_CHANNELS", n)
     B, T = 2, 3
     narrow = ConvLSTM(n, 4, 3, input_conv="auto")
     wide = ConvLSTM(n + 1, 4, 3, input_conv="auto")
