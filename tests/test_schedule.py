@@ -53,6 +53,20 @@ class FakeClock:
         monkeypatch.setattr(main, "validate", validate)
 
 
+def ctrl_c_at_training_step(n: int):
+    """(main.train_step as it is, a train_step that sends this process SIGINT at the n-th
+    training step after one round of calibration steps)."""
+    stepping, calls = main.train_step, []
+
+    def step_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1 + schedule.CALIBRATION_STEPS + n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return stepping(*args, **kwargs)
+
+    return stepping, step_then_ctrl_c
+
+
 @pytest.fixture
 def clock(monkeypatch):
     return FakeClock(monkeypatch)
@@ -113,14 +127,7 @@ def test_kill_and_resume_of_a_fitted_run_equals_the_run_uninterrupted(mnist_root
     assert epochs >= 3
 
     # The same command, Ctrl-C in epoch 2 (after the calibration's steps), then --resume.
-    stepping, calls = main.train_step, []
-
-    def step_then_ctrl_c(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1 + schedule.CALIBRATION_STEPS + 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return stepping(*args, **kwargs)
-
+    stepping, step_then_ctrl_c = ctrl_c_at_training_step(3)
     monkeypatch.setattr(main, "train_step", step_then_ctrl_c)
     assert run_cli(main.main, fitted("killed")) == 130
     assert [r["epoch"] for r in lines(tmp_path / "killed")] == [1]
@@ -187,14 +194,7 @@ def test_a_free_epoch_size_is_fitted_to_fill_the_budget(mnist_root, tmp_path, cl
     assert clock.now <= start + budget
 
     # Killed in epoch 2 and resumed: the same run, which is the run told its length outright.
-    stepping, calls = main.train_step, []
-
-    def step_then_ctrl_c(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1 + schedule.CALIBRATION_STEPS + 7:
-            os.kill(os.getpid(), signal.SIGINT)
-        return stepping(*args, **kwargs)
-
+    stepping, step_then_ctrl_c = ctrl_c_at_training_step(7)
     monkeypatch.setattr(main, "train_step", step_then_ctrl_c)
     assert run_cli(main.main, fitted("killed", "--time-budget", str(budget / 60))) == 130
     monkeypatch.setattr(main, "train_step", stepping)
