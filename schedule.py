@@ -142,10 +142,10 @@ def fit_length(speed: Speed, steps_per_epoch: int, seconds_left: float,
     instead of leaving up to an epoch of it unused: a quarter of the 15 minutes on a slow CPU
     that fits 2.7 epochs of the preset's size.
     """
-    epochs = fit_epochs(speed, steps_per_epoch, seconds_left)
+    fits = fit_epochs(speed, steps_per_epoch, seconds_left)
+    epochs = max(fits, 1)
     if not free_epoch_size:
-        return max(epochs, 1), steps_per_epoch, epochs > 0
-    epochs = max(epochs, 1)
+        return epochs, steps_per_epoch, fits > 0
     per_epoch = seconds_left * (1 - SAFETY) / epochs - speed.epoch(0)  # less validation, checkpoints
     steps = math.floor(per_epoch / speed.step) if speed.step > 0 else steps_per_epoch
     if steps < 1:  # not even a one-step epoch fits: keep the size, the budget stops it
@@ -154,8 +154,8 @@ def fit_length(speed: Speed, steps_per_epoch: int, seconds_left: float,
 
 
 def fitted_record(speed: Speed, epochs: int, steps_per_epoch: int, seconds_left: float) -> dict:
-    """config["fitted"]: what the fit measured and the length it chose."""
-    return {"epochs": max(epochs, 1), "steps_per_epoch": steps_per_epoch,
+    """config["fitted"]: what the fit measured and the length it chose (fit_length's)."""
+    return {"epochs": epochs, "steps_per_epoch": steps_per_epoch,
             "seconds_left": round(seconds_left, 1),
             **{f"{key}_seconds": round(value, 4) for key, value in asdict(speed).items()}}
 

@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from skimage.metrics import structural_similarity
 
 import evaluate
