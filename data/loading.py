@@ -127,8 +127,9 @@ class EpochSampler:
 
 
 def make_loaders(train_set, val_set, config: dict, device: torch.device, rank: int, world: int):
-    """(sampler, training loader, validation loader): one of each for the whole run, so
-    workers can persist; the sampler holds the current epoch's indices."""
+    """(sampler, training loader, validation loader): one of each for the whole run (made
+    again only where the budget's fit resizes the epochs), so workers can persist; the
+    sampler holds the current epoch's indices."""
     sampler = EpochSampler()
     workers = config["workers"]
     kw = dict(batch_size=config["batch_size"], num_workers=workers, pin_memory=device.type == "cuda",
