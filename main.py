@@ -166,9 +166,10 @@ def make_parser() -> argparse.ArgumentParser:
                         "resumed run has none unless given. A new onecycle or cosine run without "
                         "--epochs first times a few steps and a validation, then fits its epochs "
                         "to the budget, and their size without --epoch-size (config.json's "
-                        "fitted; --resume keeps them); with --epochs "
-                        "it keeps them and warns after epoch 1 if they won't fit; plateau only "
-                        "stops (default: none)")
+                        "fitted; --resume keeps them); where a preset names a lighter one "
+                        "(tiny: tiny_lite) and too few steps fit, it trains that instead. With "
+                        "--epochs it keeps them and warns after epoch 1 if they won't fit; "
+                        "plateau only stops (default: none)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
                    help="continue a run: PATH is its folder or checkpoint; alone, --out-dir's "
                         "run or the newest run that is not running (default: off)")
@@ -272,7 +273,18 @@ def resolve_config(args: argparse.Namespace) -> dict:
     elif args.time_budget is not None and args.epochs is None and config["schedule"] in DECAYING:
         # train() fits the epochs to the budget (fit_to_budget), and their size where it is free
         config["fitted"] = {"free_epoch_size": args.epoch_size is None and not config["train_data"]}
+        if preset.lighter is not None:  # checked now, before any work; trained where it is slow
+            config["fitted"]["lighter"] = {"arch": preset.lighter, "below": preset.lighter_below,
+                                           "model": lighter_model(preset).to_dict()}
     return config
+
+
+def lighter_model(preset):
+    """The preset that `preset.lighter` names, for the same frames as `preset`."""
+    lighter = get_preset(preset.lighter)
+    lighter.frames_input, lighter.frames_output = preset.frames_input, preset.frames_output
+    size = preset.image_size if isinstance(preset.image_size, list) else [preset.image_size] * 2
+    return fit_to_data(lighter, preset.frame_channels, size)
 
 
 # Settings that configs written before a flag existed imply.
@@ -678,11 +690,46 @@ def build(config: dict, device: torch.device, memory_format, world: int):
 
 
 def fit_to_budget(state: TrainState, runnable, datasets, loaders, amp_ctx, deadline: float,
-                  log) -> TrainState:
+                  log, rebuild) -> tuple[TrainState, object]:
     """Time this machine on a throw-away start, fix the schedule's epochs (and the size of a
     Moving MNIST epoch, where --epoch-size wasn't given) to what fits before `deadline`
     (schedule.py), record them in the config, and return a fresh training state from the
-    very same start: weights, RNG states, a new optimizer."""
+    very same start (weights, RNG states, a new optimizer) and what runs its model.
+
+    Where the preset names a lighter one and fewer than its `lighter_below` steps fit, the
+    lighter model is built (`rebuild()`: the model and what runs it, from config["model"]),
+    timed and fitted instead, and config["model"] becomes it."""
+    config, rank = state.config, state.rank
+    lighter = config["fitted"].get("lighter")
+    free = config["fitted"].get("free_epoch_size", False)
+    speed = time_steps(state, runnable, datasets, loaders, amp_ctx, deadline)
+    epochs, steps, fits = fit_length(speed, state.steps_per_epoch, broadcast(deadline - time.time(), rank), free)
+    instead = None
+    if lighter is not None and epochs * steps < lighter["below"]:
+        instead = {"arch": config["arch"], "steps": epochs * steps, "step_seconds": round(speed.step, 4)}
+        config["model"] = lighter["model"]
+        model, runnable = rebuild()
+        state = TrainState(config, model, state.steps_per_epoch, state.device, rank, state.world)
+        log(f"{config['arch']} fits {epochs * steps:,} steps in the budget here ({speed.step:.3g} s a "
+            f"step), fewer than {lighter['below']:,}: training the lighter {lighter['arch']} instead "
+            f"({count_parameters(model):,} parameters; give --epochs to train {config['arch']} as it is)")
+        speed = time_steps(state, runnable, datasets, loaders, amp_ctx, deadline)
+    seconds_left = broadcast(deadline - time.time(), rank)
+    epochs, steps, fits = fit_length(speed, state.steps_per_epoch, seconds_left, free)
+    resized = steps != state.steps_per_epoch
+    if resized:  # Moving MNIST makes any number of sequences an epoch
+        config["epoch_size"] = datasets[0].length = steps * config["batch_size"] * state.world
+    config["fitted"] = fitted_record(speed, epochs, steps, seconds_left)
+    if instead is not None:
+        config["fitted"]["instead_of"] = instead
+    config["epochs"] = epochs
+    log(fit_message(config, config["fitted"], fits, resized))
+    return TrainState(config, state.model, steps, state.device, rank, state.world), runnable
+
+
+def time_steps(state: TrainState, runnable, datasets, loaders, amp_ctx, deadline: float):
+    """schedule.calibrate on this run: its first batches trained and its validation set
+    scored, then the weights and RNG states put back as they were. Rank 0's speed."""
     config, model, device, rank, world = state.config, state.model, state.device, state.rank, state.world
     (train_set, _), (sampler, train_loader, val_loader) = datasets, loaders
     B, start = config["batch_size"], (copy.deepcopy(model.state_dict()), rng_state())
@@ -706,17 +753,7 @@ def fit_to_budget(state: TrainState, runnable, datasets, loaders, amp_ctx, deadl
                       calibration_seconds(deadline - time.time()))
     model.load_state_dict(start[0])
     set_rng_state(start[1])
-    speed = broadcast(speed, rank)  # every process trains rank 0's length
-    seconds_left = broadcast(deadline - time.time(), rank)
-    epochs, steps, fits = fit_length(speed, state.steps_per_epoch, seconds_left,
-                                     config["fitted"].get("free_epoch_size", False))
-    resized = steps != state.steps_per_epoch
-    if resized:  # Moving MNIST makes any number of sequences an epoch
-        config["epoch_size"] = train_set.length = steps * B * world
-    config["fitted"] = fitted_record(speed, epochs, steps, seconds_left)
-    config["epochs"] = epochs
-    log(fit_message(config, config["fitted"], fits, resized))
-    return TrainState(config, model, steps, device, rank, world)
+    return broadcast(speed, rank)  # every process trains rank 0's length
 
 
 def train(config, run, checkpoint, fork_source, train_set, val_set, rank, world, device,
@@ -750,8 +787,9 @@ def train(config, run, checkpoint, fork_source, train_set, val_set, rank, world,
     deadline = None if config["time_budget"] is None else time.time() + 60 * config["time_budget"]
     if checkpoint is None and deadline is not None and config.get("fitted") is not None:
         size = len(train_set)
-        state = fit_to_budget(state, runnable, (train_set, val_set),
-                              (sampler, train_loader, val_loader), amp_ctx, deadline, log)
+        state, runnable = fit_to_budget(state, runnable, (train_set, val_set),
+                                        (sampler, train_loader, val_loader), amp_ctx, deadline, log,
+                                        lambda: build(config, device, memory_format, world))
         if len(train_set) != size:  # the fit sized the epochs: new workers, which see the size
             sampler, train_loader, val_loader = make_loaders(train_set, val_set, config, device, rank, world)
     first_epoch = state.epoch

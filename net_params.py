@@ -73,6 +73,11 @@ class Preset:
     epoch_size: int = 10_000   # sequences per epoch, as in the original
     val_size: int = 1_000      # validation sequences scored after every epoch
     epochs: int = 200          # the schedule's length, as OpenSTL's; early stopping may end it
+    # A lighter preset that a schedule fitted to --time-budget trains instead where this one
+    # fits fewer than `lighter_below` steps in the budget (main.fit_to_budget): on a slow
+    # machine more steps of a smaller model learn more than a few of this one. None: never.
+    lighter: str | None = None
+    lighter_below: int = 0
 
     def to_dict(self) -> dict:
         """Plain data (for config.json and checkpoints)."""
@@ -145,8 +150,22 @@ PRESETS: dict[str, Preset] = {
         # that time to training (docs/results.md, the slow-CPU study)
         val_size=250,
         epochs=16,         # without --time-budget; the quick start fits its own length
+        # On a 2-core CPU without native bf16 tiny fits 800-1,100 steps in the quick start's
+        # 15 minutes, and tiny_lite about 1,600, which scored better (docs/results.md, the
+        # slow-CPU study); a 2-core CPU with AVX512-BF16 fits about 3,700 and keeps tiny.
+        lighter="tiny_lite",
+        lighter_below=2_000,
     ),
 }
+# tiny with 32 channels in its first stage instead of 64: 679,377 parameters, about 1.6x the
+# steps a second of tiny on a CPU (docs/results.md). What tiny trains where it is slow.
+PRESETS["tiny_lite"] = dataclasses.replace(
+    PRESETS["tiny"],
+    stages=[
+        Stage(down=Conv(1, 32, 5, stride=4), hidden=32, up=Conv(32, 16, 8, stride=4, transposed=True)),
+        Stage(down=Conv(32, 64, 3, stride=2), hidden=64, up=Conv(64, 32, 4, stride=2, transposed=True)),
+    ],
+    lighter=None, lighter_below=0)
 
 
 def get_preset(name: str) -> Preset:

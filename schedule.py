@@ -26,6 +26,7 @@ cosine (`reanchor`, recorded in config["anneal"]).
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -103,18 +104,20 @@ def calibrate(train_steps, validate, val_batches: int, save, sync, seconds: floa
     `val_batches` is the size of a whole validation in batches. The first step and the
     first batch only warm up (allocations, cuDNN autotuning, torch.compile's graphs).
     Steps run in rounds of CALIBRATION_STEPS until `seconds` have passed (at most
-    CALIBRATION_ROUNDS rounds): a few seconds of a shared CPU are off by 15% either way."""
+    CALIBRATION_ROUNDS rounds), and a step takes the median round's time: a few seconds of
+    a shared CPU are off by 15% either way, and one round that another process slowed
+    would otherwise end the schedule minutes early."""
     train_steps(1)
     sync()
     t0 = time.time()
-    steps = 0
-    while steps < CALIBRATION_ROUNDS * CALIBRATION_STEPS:
+    rounds = []  # seconds a step, round by round
+    while len(rounds) < CALIBRATION_ROUNDS:
+        start = time.time()
         train_steps(CALIBRATION_STEPS)
         sync()
-        steps += CALIBRATION_STEPS
+        rounds.append((time.time() - start) / CALIBRATION_STEPS)
         if time.time() - t0 >= seconds:
             break
-    t1 = time.time()
     validate(1)
     sync()
     t2 = time.time()
@@ -123,7 +126,7 @@ def calibrate(train_steps, validate, val_batches: int, save, sync, seconds: floa
     t3 = time.time()
     save()
     t4 = time.time()
-    return Speed(step=(t1 - t0) / steps,
+    return Speed(step=statistics.median(rounds),
                  validation=(t3 - t2) / VAL_BATCHES * val_batches, checkpoint=t4 - t3)
 
 

@@ -224,6 +224,18 @@ def test_parameter_counts_of_the_original_architecture():
     assert count_parameters(build_model("convgru")) == 6_189_089
 
 
+def test_the_small_presets_and_what_a_slow_machine_trains_instead():
+    assert count_parameters(build_model("trajgru")) == 3_869_853
+    assert count_parameters(build_model("tiny")) == 1_132_785
+    assert count_parameters(build_model("tiny_lite")) == 679_377
+    for name, preset in PRESETS.items():  # a lighter preset is known, lighter, and final
+        if preset.lighter is not None:
+            lighter = get_preset(preset.lighter)
+            assert count_parameters(build_model(lighter)) < count_parameters(build_model(name))
+            assert lighter.lighter is None and preset.lighter_below > 0
+    assert get_preset("tiny").lighter == "tiny_lite"
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_round_trips_through_dict(name):
     preset = get_preset(name)

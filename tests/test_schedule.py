@@ -12,6 +12,7 @@ import torch
 
 import devices
 import main
+import model
 import net_params
 from checkpoints import load_checkpoint
 import schedule
@@ -53,14 +54,14 @@ class FakeClock:
         monkeypatch.setattr(main, "validate", validate)
 
 
-def ctrl_c_at_training_step(n: int):
+def ctrl_c_at_training_step(n: int, calibrations: int = 1):
     """(main.train_step as it is, a train_step that sends this process SIGINT at the n-th
-    training step after one round of calibration steps)."""
+    training step after `calibrations` calibrations of one round of steps each)."""
     stepping, calls = main.train_step, []
 
     def step_then_ctrl_c(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 1 + schedule.CALIBRATION_STEPS + n:
+        if len(calls) == calibrations * (1 + schedule.CALIBRATION_STEPS) + n:
             os.kill(os.getpid(), signal.SIGINT)
         return stepping(*args, **kwargs)
 
@@ -70,6 +71,13 @@ def ctrl_c_at_training_step(n: int):
 @pytest.fixture
 def clock(monkeypatch):
     return FakeClock(monkeypatch)
+
+
+@pytest.fixture(autouse=True)
+def tiny_alone(monkeypatch):
+    """tiny without its lighter preset: these tests time and fit one model (a fitted run of a
+    few steps would otherwise train tiny_lite); the lighter swap has its own tests."""
+    monkeypatch.setattr(net_params.PRESETS["tiny"], "lighter", None)
 
 
 def config_of(run_dir):
@@ -147,30 +155,89 @@ def test_kill_and_resume_of_a_fitted_run_equals_the_run_uninterrupted(mnist_root
 
 
 def test_calibration_times_steps_for_its_share_of_the_budget(monkeypatch):
-    """Rounds of steps until calibration_seconds have passed, averaged over all of them (a
-    machine whose steps slow from 0.5 to 1 s is timed at what it then runs), and never
-    more than CALIBRATION_ROUNDS rounds, even where steps take no time."""
-    now, steps = [0.0], []
+    """Rounds of steps until calibration_seconds have passed, a step timed at the median
+    round: a machine whose steps slow from 0.5 to 1 s is timed at what it then runs, and one
+    round that something else slowed does not stretch the schedule's estimate. Never more
+    than CALIBRATION_ROUNDS rounds, even where steps take no time."""
+    now, steps, seconds_a_step = [0.0], [], [None]
 
     def train_steps(n):
         for _ in range(n):
             steps.append(1)
-            now[0] += 0.5 if len(steps) <= 9 else 1.0
+            now[0] += seconds_a_step[0](len(steps))
 
     monkeypatch.setattr(time, "time", lambda: now[0])
     seconds = schedule.calibration_seconds(15 * 60)
     assert seconds == pytest.approx(18.0)  # 2% of 15 minutes
+    seconds_a_step[0] = lambda k: 0.5 if k <= 9 else 1.0  # the warm-up step and round 1 fast
     speed = schedule.calibrate(train_steps, lambda n: None, 1, lambda: None, lambda: None, seconds)
     timed = len(steps) - 1  # after the warm-up step
     assert timed % schedule.CALIBRATION_STEPS == 0 and timed * 1.0 - 4 >= seconds
-    assert speed.step == pytest.approx((8 * 0.5 + (timed - 8) * 1.0) / timed)
-    assert speed.step > 0.8  # a first round alone would have said 0.5 s
+    assert speed.step == pytest.approx(1.0)  # rounds of 0.5, 1 and 1 s a step
+
+    steps.clear()
+    seconds_a_step[0] = lambda k: 1.5 if 10 <= k <= 17 else 0.5  # round 2 disturbed
+    speed = schedule.calibrate(train_steps, lambda n: None, 1, lambda: None, lambda: None, seconds)
+    assert len(steps) == 1 + 3 * schedule.CALIBRATION_STEPS  # rounds of 4, 12 and 4 s
+    assert speed.step == pytest.approx(0.5)  # their mean, 0.83 s, would fit 40% fewer steps
 
     steps.clear()
     monkeypatch.setattr(time, "time", lambda: 0.0)
     schedule.calibrate(train_steps, lambda n: None, 1, lambda: None, lambda: None, seconds)
     assert len(steps) == 1 + schedule.CALIBRATION_ROUNDS * schedule.CALIBRATION_STEPS
     assert schedule.calibration_seconds(60) == 5.0 and schedule.calibration_seconds(7200) == 60.0
+
+
+def test_where_few_steps_fit_the_lighter_preset_trains_and_resumes_exactly(
+        mnist_root, tmp_path, clock, monkeypatch, capsys):
+    """tiny fits 20 steps here; told to train tiny_lite below 21, the fit builds, times and
+    trains tiny_lite instead, records it, and a kill + resume, and a run told --arch
+    tiny_lite and the fitted --epochs outright, equal it."""
+    monkeypatch.setattr(net_params.PRESETS["tiny"], "lighter", "tiny_lite")
+    monkeypatch.setattr(net_params.PRESETS["tiny"], "lighter_below", 21)
+    clock.step, clock.batch = 5.0, 2.0
+
+    def fitted(run):  # each calibration takes 53 s: 9 steps, 4 validation batches
+        return quick(mnist_root, tmp_path / run, *ONECYCLE, "--time-budget", "3")
+
+    main.main(fitted("straight"))
+    config = config_of(tmp_path / "straight")
+    said = capsys.readouterr().out
+    assert "tiny fits 20 steps in the budget here (5 s a step), fewer than 21: training the lighter " \
+           "tiny_lite instead (679,377 parameters; give --epochs to train tiny as it is)" in said
+    assert config["arch"] == "tiny" and config["fitted"]["instead_of"] == {
+        "arch": "tiny", "steps": 20, "step_seconds": 5.0}
+    lite = model.fit_to_data("tiny_lite", 1, (64, 64))
+    lite.frames_input = lite.frames_output = 3
+    assert config["model"] == lite.to_dict()
+    # The lighter model was timed for its own fit (one calibration after tiny's), and the
+    # checkpoints hold it: load_model rebuilds it from the run alone.
+    assert (config["epochs"], config["fitted"]["steps_per_epoch"]) == (5, 2)  # 74 s were left
+    assert model.count_parameters(model.load_model(tmp_path / "straight" / "checkpoints" / "best.pt")) == 679_377
+
+    stepping, step_then_ctrl_c = ctrl_c_at_training_step(3, calibrations=2)
+    monkeypatch.setattr(main, "train_step", step_then_ctrl_c)
+    assert run_cli(main.main, fitted("killed")) == 130
+    monkeypatch.setattr(main, "train_step", stepping)
+    main.main(fitted("killed") + ["--resume"])
+    main.main(quick(mnist_root, tmp_path / "told", *ONECYCLE, "--arch", "tiny_lite",
+                    "--epochs", str(config["epochs"])))
+    assert config_of(tmp_path / "killed")["model"] == config["model"]
+    for other in ("killed", "told"):
+        same_numbers(lines(tmp_path / "straight"), lines(tmp_path / other))
+        same_weights(tmp_path / "straight", tmp_path / other)
+
+
+def test_where_enough_steps_fit_the_preset_trains_as_it_is(mnist_root, tmp_path, clock, monkeypatch, capsys):
+    """The same machine, told to go lighter only below 20 steps: tiny fits 20, and trains."""
+    monkeypatch.setattr(net_params.PRESETS["tiny"], "lighter", "tiny_lite")
+    monkeypatch.setattr(net_params.PRESETS["tiny"], "lighter_below", 20)
+    clock.step, clock.batch = 5.0, 2.0
+    main.main(quick(mnist_root, tmp_path / "run", *ONECYCLE, "--time-budget", "3"))
+    config = config_of(tmp_path / "run")
+    assert "lighter" not in capsys.readouterr().out and "instead_of" not in config["fitted"]
+    assert model.count_parameters(model.build_model(config["model"])) == 1_132_785
+    assert (config["epochs"], config["fitted"]["steps_per_epoch"]) == (10, 2)
 
 
 def test_a_free_epoch_size_is_fitted_to_fill_the_budget(mnist_root, tmp_path, clock, monkeypatch, capsys):
