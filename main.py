@@ -43,8 +43,9 @@ from net_params import get_preset
 from nowcast import BALANCE_THRESHOLDS, BALANCE_WEIGHTS, SCORE_NAMES
 from pictures import prediction_grid
 from runfolder import RunFolder, has_checkpoint, locate_run, new_run_dir, recorded_history
-from schedule import (CALIBRATION_STEPS, DECAYING, budget_warning, calibrate, calibration_seconds, fit_length,
-                      fit_message, fitted_record, lr_factor, reanchor)
+from schedule import (CALIBRATION_STEPS, CHECKPOINTS_PER_EPOCH, DECAYING, budget_warning, calibrate,
+                      calibration_seconds, fit_length, fit_message, fitted_record, lr_factor, reanchor,
+                      shorten)
 from stopping import Interrupted, StopRequest, worker_deaths
 from training import LOSSES, grad_scaler, train_step
 from utils import (DEFAULT_DATA_ROOT, ArgumentParser, UsageError, check, check_memory, first_line,
@@ -801,7 +802,7 @@ def train(config, run, checkpoint, fork_source, train_set, val_set, rank, world,
             if state.epoch > first_epoch and deadline is not None and agree(time.time() > deadline):
                 log(f"time budget of {config['time_budget']:g} min reached after epoch {state.epoch}")
                 break
-            t0 = time.time()
+            t0, whole = time.time(), state.position == 0  # a resumed epoch's time is a part
             sampler.set(epoch_order(train_set, config, state.epoch), state.position, B, rank, world)
             why = train_epoch(state, runnable, train_loader, amp_ctx, run, stop, deadline)
             if why:
@@ -817,6 +818,12 @@ def train(config, run, checkpoint, fork_source, train_set, val_set, rank, world,
                                                 config["frames_output"], **scoring(config))
             check_finite(val_loss, "the validation loss", state.step, run, state)
             improved = state.end_epoch(val_loss, metrics, time.time() - t0)
+            shortened = None
+            if whole and deadline is not None and "epochs" in (config.get("fitted") or {}):
+                seconds = time.time() - t0 + CHECKPOINTS_PER_EPOCH * config["fitted"]["checkpoint_seconds"]
+                shortened = shorten(config, state.epoch, state.steps_per_epoch,
+                                    *broadcast((seconds, deadline - time.time()), rank))
+                state.total_steps = config["epochs"] * state.steps_per_epoch
             run.save(state.state_dict(), improved)
             result = state.history[-1]
             run.log(state.step, {"train/epoch_loss": result["train_loss"], "val/loss": val_loss,
@@ -828,6 +835,9 @@ def train(config, run, checkpoint, fork_source, train_set, val_set, rank, world,
             log(f"epoch {result['epoch']}/{config['epochs']}  train {result['train_loss']:.5f}  "
                 f"val {val_loss:.5f}  mse {metrics['mse']:.4g}  ssim {metrics['ssim']:.4f}{csi}  "
                 f"lr {state.lr:.2g}  {result['seconds']:.0f}s{'  *best' if improved else ''}")
+            if shortened:
+                log(shortened)
+                run.write_config(config)
             if checkpoint is None and state.epoch == 1 and deadline is not None and "fitted" not in config:
                 warning = budget_warning(config, time.time() - t0, deadline - time.time(), 1)
                 if warning:  # explicit --epochs that the measured first epoch says won't fit

@@ -406,6 +406,11 @@ class RunFolder:
                 writer.flush()
         self._events(write)
 
+    def write_config(self, config: dict) -> None:
+        """config.json again, after the run changed its config (a shortened schedule)."""
+        if self.lead:
+            write_json(self.path / "config.json", config)
+
     def save(self, state: dict, improved: bool = False) -> None:
         """last.pt, then best.pt, then metrics.jsonl: a kill between two of them is repaired
         by `open` from last.pt. A failed write says what last.pt holds and how to go on."""

@@ -6,17 +6,22 @@ budget on this machine (main.fit_to_budget drives it):
 
 1. `calibrate` times, on a throw-away start that main.py then undoes (weights and RNG
    states back, a fresh optimizer), one warm-up step, rounds of CALIBRATION_STEPS
-   training steps until 2% of the budget has passed (5 to 60 s), a validation of
-   VAL_BATCHES batches after one warm-up batch, and one checkpoint written to memory. So
-   the run trains exactly as one started with --epochs set to the fitted value.
+   training steps until 2% of the budget has passed (5 to 60 s; a step takes the median
+   round's time), a validation of VAL_BATCHES batches after one warm-up batch, and one
+   checkpoint written to memory. So the run trains exactly as one started with --epochs
+   set to the fitted value.
 2. `fit_length` takes the most epochs whose steps, validations and checkpoints end inside
    what is left of the budget, less SAFETY for what calibration can't see (DataLoader
    start-ups, logging, a machine that slows down). Where the epoch's size is free (Moving
    MNIST without --epoch-size), it then sizes the epochs to fill the budget. Otherwise at
    least 1: a budget too short for one epoch stops it mid-way, and a warning says so.
+   Where the preset names a lighter one and fewer than its `lighter_below` steps fit,
+   main.py times and fits that one instead (net_params.Preset.lighter).
 3. main.py records the result in config["epochs"], config["epoch_size"] and
    config["fitted"], which config.json and every checkpoint carry, so --resume continues
    the very same schedule.
+4. After each epoch, `shorten` ends the schedule sooner where the machine has slowed so
+   much that the epochs left won't end inside the budget (recorded the same way).
 
 A onecycle or cosine shape can't stretch: a resumed run whose --epochs changed goes on
 from its LR at that step down to the schedule's final value at the new end, along a half
@@ -176,6 +181,40 @@ def fit_message(config: dict, record: dict, fits: bool, resized: bool = False) -
         line += ("; not even one epoch fits, so the budget will stop it mid-way: raise "
                  "--time-budget, or lower --epoch-size or --val-size")
     return line
+
+
+def shorten(config: dict, epochs_done: int, steps_per_epoch: int, epoch_seconds: float,
+            seconds_left: float) -> str | None:
+    """After an epoch of a fitted run: where the epochs left won't end inside the budget at
+    the pace of the epoch just run (a shared machine that slowed down after calibration),
+    the schedule ends at the last epoch that does, instead of being cut mid-way with its LR
+    high. Still in the warm-up, the shape just gets shorter; past it, the LR goes from its
+    value now down to the final value at the new end, as after a new --epochs on resume
+    (`reanchor`). Records config["epochs"] (and config["anneal"]) and
+    config["fitted"]["shortened"]; returns the line that says so, or None where the rest
+    fits, or where not even one more epoch would (the budget then stops it)."""
+    fits = math.floor(seconds_left * (1 - SAFETY) / epoch_seconds) if epoch_seconds > 0 else 0
+    old = config["epochs"]
+    if config["schedule"] not in DECAYING or not 1 <= fits < old - epochs_done:
+        return None
+    step, warmup = epochs_done * steps_per_epoch, config["warmup"]
+    previous = {"epochs": old, "anneal": config.get("anneal")}
+    now = lr_factor(config["schedule"], warmup, step, old * steps_per_epoch, previous["anneal"])
+    config["epochs"] = epochs_done + fits
+    total = config["epochs"] * steps_per_epoch
+    if previous["anneal"] is None and step < warmup * total:
+        how = f"still warming up, the {config['schedule']} shape is {total} steps long instead of {old * steps_per_epoch}"
+    else:
+        reanchor(config, previous, step, steps_per_epoch)
+        end = lr_factor(config["schedule"], warmup, total, total)
+        how = (f"the LR goes from {now * config['lr']:.3g} now down to {end * config['lr']:.3g} "
+               f"at step {total}")
+    config["fitted"]["shortened"] = {"after_epoch": epochs_done, "epochs_before": old,
+                                     "epoch_seconds": round(epoch_seconds, 2)}
+    return (f"this machine slowed since its calibration: at {epoch_seconds:.3g} s an epoch, the "
+            f"{old - epochs_done} epochs left won't end inside the {seconds_left / 60:.3g} min "
+            f"that remain, so the schedule now ends after epoch {config['epochs']} instead of "
+            f"{old}; {how}")
 
 
 def budget_warning(config: dict, epoch_seconds: float, seconds_left: float, epochs_done: int) -> str | None:

@@ -240,6 +240,72 @@ def test_where_enough_steps_fit_the_preset_trains_as_it_is(mnist_root, tmp_path,
     assert (config["epochs"], config["fitted"]["steps_per_epoch"]) == (10, 2)
 
 
+def slowing_after(clock, monkeypatch, calls: int, seconds: float):
+    """Training steps take `seconds` on the fake clock after the first `calls` (the
+    calibration's 9 included): a machine that slows down once the length is fixed."""
+    made, inner = [0], main.train_step
+
+    def step(*args, **kwargs):
+        made[0] += 1
+        if made[0] > calls:
+            clock.step = seconds
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(main, "train_step", step)
+
+
+@pytest.mark.parametrize("slow_from_epoch, epochs, warming_up", [(1, 7, True), (4, 8, False)])
+def test_a_machine_that_slows_down_ends_its_schedule_inside_the_budget(
+        mnist_root, tmp_path, clock, monkeypatch, capsys, slow_from_epoch, epochs, warming_up):
+    """Calibrated at 5 s a step, 10 epochs of 12 s fit the 127 s left of 3 minutes; then steps
+    take 7 s (16 s an epoch). After the first slow epoch the run sees that the rest won't end
+    inside the budget and ends its schedule sooner: in the warm-up by a shorter shape, later
+    by a half cosine from its LR down to the final value, which it still reaches in time."""
+    clock.step, clock.batch = 5.0, 2.0
+    slowing_after(clock, monkeypatch, 9 + 2 * (slow_from_epoch - 1), 7.0)
+    run, start = tmp_path / "run", clock.now
+    main.main(quick(mnist_root, run, *ONECYCLE, "--time-budget", "3"))
+    config, history, said = config_of(run), lines(run), capsys.readouterr().out
+    assert config["fitted"]["epochs"] == 10 and config["epochs"] == epochs
+    assert config["fitted"]["shortened"] == {"after_epoch": slow_from_epoch, "epochs_before": 10,
+                                             "epoch_seconds": 16.0}
+    assert load_config(run)["epochs"] == epochs  # the checkpoint and config.json agree
+    assert f"so the schedule now ends after epoch {epochs} instead of 10; " + (
+        "still warming up" if warming_up else "the LR goes from") in said
+    assert ("anneal" in config) is not warming_up
+    assert [r["epoch"] for r in history] == list(range(1, epochs + 1)) and clock.now <= start + 180
+    assert history[-1]["lr"] == pytest.approx(2e-3 / 25e4)  # the schedule's final value
+    lrs = logged_lrs(run)
+    if not warming_up:  # continuous where the half cosine takes over, then down only
+        after = [lrs[s] for s in sorted(lrs) if s >= 2 * slow_from_epoch]
+        assert after == sorted(after, reverse=True) and after[0] == pytest.approx(
+            lrs[2 * slow_from_epoch - 1], rel=0.2)
+
+
+def test_a_shortened_schedule_resumes_exactly(mnist_root, tmp_path, clock, monkeypatch):
+    """Killed after the schedule was shortened (epoch 4 of the case above), then resumed with
+    the same command: the shortened schedule goes on, and the run equals the one not killed."""
+    def fitted(run):
+        return quick(mnist_root, tmp_path / run, *ONECYCLE, "--time-budget", "3")
+
+    clocked = main.train_step
+    for run in ("straight", "killed"):
+        monkeypatch.setattr(main, "train_step", clocked)
+        clock.step, clock.batch = 5.0, 2.0
+        slowing_after(clock, monkeypatch, 9 + 2 * 3, 7.0)
+        if run == "straight":
+            main.main(fitted(run))
+    stepping, step_then_ctrl_c = ctrl_c_at_training_step(11)  # epoch 6
+    monkeypatch.setattr(main, "train_step", step_then_ctrl_c)
+    assert run_cli(main.main, fitted("killed")) == 130
+    assert [r["epoch"] for r in lines(tmp_path / "killed")] == [1, 2, 3, 4, 5]
+    monkeypatch.setattr(main, "train_step", stepping)
+    main.main(fitted("killed") + ["--resume"])
+    assert config_of(tmp_path / "killed")["epochs"] == 8 == config_of(tmp_path / "straight")["epochs"]
+    same_numbers(lines(tmp_path / "straight"), lines(tmp_path / "killed"))
+    same_weights(tmp_path / "straight", tmp_path / "killed")
+
+
 def test_a_free_epoch_size_is_fitted_to_fill_the_budget(mnist_root, tmp_path, clock, monkeypatch, capsys):
     """Without --epoch-size, a Moving MNIST run sizes its epochs too: here 2.7 epochs of the
     preset's 4 steps fit, and 2 epochs of 5 steps fill what the third would have left."""
