@@ -45,7 +45,7 @@ from pictures import prediction_grid
 from runfolder import RunFolder, has_checkpoint, locate_run, new_run_dir, recorded_history
 from schedule import (CALIBRATION_STEPS, CHECKPOINTS_PER_EPOCH, DECAYING, budget_warning, calibrate,
                       calibration_seconds, fit_length, fit_message, fitted_record, lr_factor, reanchor,
-                      shorten)
+                      schedule_steps, shorten)
 from stopping import Interrupted, StopRequest, worker_deaths
 from training import LOSSES, grad_scaler, train_step
 from utils import (DEFAULT_DATA_ROOT, ArgumentParser, UsageError, check, check_memory, first_line,
@@ -532,7 +532,7 @@ class TrainState:
         decay = config["weight_decay"]
         opt = torch.optim.AdamW if config["optimizer"] == "adamw" else torch.optim.Adam
         self.optimizer = opt(model.parameters(), lr=config["lr"], weight_decay=decay)
-        self.total_steps = config["epochs"] * steps_per_epoch
+        self.total_steps = schedule_steps(config, steps_per_epoch)
         if config["schedule"] == "plateau":  # factor 0.5 and patience 4, as in the original repo
             self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=0.5,
                                                                         patience=4)
@@ -573,7 +573,8 @@ class TrainState:
 
     def end_epoch(self, val_loss: float, metrics: dict, seconds: float) -> bool:
         """Record a finished epoch in the history; True if its val loss is the best so far."""
-        train_loss = sum(self.epoch_losses()) / (self.world * self.steps_per_epoch)
+        steps = self.step - self.epoch * self.steps_per_epoch  # fewer where a schedule ends inside it
+        train_loss = sum(self.epoch_losses()) / (self.world * max(steps, 1))
         improved = self.stopper.update(val_loss)
         if self.config["schedule"] == "plateau":
             self.scheduler.step(val_loss)
@@ -823,7 +824,7 @@ def train(config, run, checkpoint, fork_source, train_set, val_set, rank, world,
                 seconds = time.time() - t0 + CHECKPOINTS_PER_EPOCH * config["fitted"]["checkpoint_seconds"]
                 shortened = shorten(config, state.epoch, state.steps_per_epoch,
                                     *broadcast((seconds, deadline - time.time()), rank))
-                state.total_steps = config["epochs"] * state.steps_per_epoch
+                state.total_steps = schedule_steps(config, state.steps_per_epoch)
             run.save(state.state_dict(), improved)
             result = state.history[-1]
             run.log(state.step, {"train/epoch_loss": result["train_loss"], "val/loss": val_loss,
@@ -871,7 +872,8 @@ def train_epoch(state: TrainState, model, loader, amp_ctx, run: RunFolder, stop:
         state.train_step(model, inputs, targets, amp_ctx)
         state.position += B * world
         signum = agree_max(stop.signum) if world > 1 else stop.signum
-        if k % log_every and k != steps and not signum:
+        last = k == steps or state.step >= state.total_steps  # a shortened schedule ends inside it
+        if k % log_every and not last and not signum:
             continue
         late = agree(deadline is not None and time.time() > deadline)
         total = sum(state.epoch_losses())
@@ -881,10 +883,12 @@ def train_epoch(state: TrainState, model, loader, amp_ctx, run: RunFolder, stop:
         run.log(state.step, {"train/loss": window, "train/lr": state.lr})
         bar.set_postfix(loss=f"{window:.5f}", seq_s=f"{k * B * world / (time.time() - t0):.1f}")
         logged = (state.step, total)
-        if signum or (late and k != steps):
+        if signum or (late and not last):
             bar.close()
             stop.signum = signum  # another process's, under torchrun
             return signal.Signals(signum).name if signum else "the time budget"
+        if last:
+            break
     bar.close()
     return None
 

@@ -74,7 +74,8 @@ def reanchor(config: dict, previous: dict, step: int, steps_per_epoch: int) -> s
     if config["schedule"] not in DECAYING or config["epochs"] == previous["epochs"]:
         return None
     schedule, warmup = config["schedule"], config["warmup"]
-    now = lr_factor(schedule, warmup, step, previous["epochs"] * steps_per_epoch, previous.get("anneal"))
+    now = lr_factor(schedule, warmup, step, schedule_steps(previous, steps_per_epoch), previous.get("anneal"))
+    config.pop("total_steps", None)  # a shortened schedule's end gives way to the new --epochs
     total = config["epochs"] * steps_per_epoch
     config["anneal"] = {"step": step, "factor": now}
     end = lr_factor(schedule, warmup, total, total)
@@ -187,34 +188,48 @@ def shorten(config: dict, epochs_done: int, steps_per_epoch: int, epoch_seconds:
             seconds_left: float) -> str | None:
     """After an epoch of a fitted run: where the epochs left won't end inside the budget at
     the pace of the epoch just run (a shared machine that slowed down after calibration),
-    the schedule ends at the last epoch that does, instead of being cut mid-way with its LR
-    high. Still in the warm-up, the shape just gets shorter; past it, the LR goes from its
-    value now down to the final value at the new end, as after a new --epochs on resume
-    (`reanchor`). Records config["epochs"] (and config["anneal"]) and
+    the schedule ends at the last step that does, instead of being cut mid-way with its LR
+    high; the last epoch then stops at that step and validates. Still in the warm-up, the
+    shape just gets shorter; past it, the LR goes from its value now down to the final
+    value at the new end, as after a new --epochs on resume (`reanchor`). Records
+    config["total_steps"], config["epochs"] (and config["anneal"]) and
     config["fitted"]["shortened"]; returns the line that says so, or None where the rest
-    fits, or where not even one more epoch would (the budget then stops it)."""
-    fits = math.floor(seconds_left * (1 - SAFETY) / epoch_seconds) if epoch_seconds > 0 else 0
-    old = config["epochs"]
-    if config["schedule"] not in DECAYING or not 1 <= fits < old - epochs_done:
+    fits, or where not even one more step would (the budget then stops it)."""
+    old_epochs, old_total = config["epochs"], schedule_steps(config, steps_per_epoch)
+    step = epochs_done * steps_per_epoch
+    usable = seconds_left * (1 - SAFETY)
+    fixed = config["fitted"]["validation_seconds"] + CHECKPOINTS_PER_EPOCH * config["fitted"]["checkpoint_seconds"]
+    step_seconds = max(epoch_seconds - fixed, 1e-9) / steps_per_epoch
+    whole = math.floor(usable / epoch_seconds) if epoch_seconds > 0 else 0
+    rest = usable - whole * epoch_seconds  # a last, shorter epoch: its steps and a validation
+    more = whole * steps_per_epoch + min(max(math.floor((rest - fixed) / step_seconds), 0), steps_per_epoch - 1)
+    if config["schedule"] not in DECAYING or not 1 <= more < old_total - step:
         return None
-    step, warmup = epochs_done * steps_per_epoch, config["warmup"]
-    previous = {"epochs": old, "anneal": config.get("anneal")}
-    now = lr_factor(config["schedule"], warmup, step, old * steps_per_epoch, previous["anneal"])
-    config["epochs"] = epochs_done + fits
-    total = config["epochs"] * steps_per_epoch
+    warmup = config["warmup"]
+    previous = {"epochs": old_epochs, "total_steps": old_total, "anneal": config.get("anneal")}
+    now = lr_factor(config["schedule"], warmup, step, old_total, previous["anneal"])
+    total = config["total_steps"] = step + more
+    config["epochs"] = epochs_done + math.ceil(more / steps_per_epoch)
     if previous["anneal"] is None and step < warmup * total:
-        how = f"still warming up, the {config['schedule']} shape is {total} steps long instead of {old * steps_per_epoch}"
+        how = f"still warming up, the {config['schedule']} shape is {total} steps long instead of {old_total}"
     else:
-        reanchor(config, previous, step, steps_per_epoch)
+        config["anneal"] = {"step": step, "factor": now}
         end = lr_factor(config["schedule"], warmup, total, total)
-        how = (f"the LR goes from {now * config['lr']:.3g} now down to {end * config['lr']:.3g} "
-               f"at step {total}")
-    config["fitted"]["shortened"] = {"after_epoch": epochs_done, "epochs_before": old,
+        how = f"the LR goes from {now * config['lr']:.3g} now down to {end * config['lr']:.3g} at its end"
+    config["fitted"]["shortened"] = {"after_epoch": epochs_done, "total_steps_before": old_total,
                                      "epoch_seconds": round(epoch_seconds, 2)}
+    last = total - (config["epochs"] - 1) * steps_per_epoch
+    part = f" ({last} of its {steps_per_epoch} steps)" if last < steps_per_epoch else ""
     return (f"this machine slowed since its calibration: at {epoch_seconds:.3g} s an epoch, the "
-            f"{old - epochs_done} epochs left won't end inside the {seconds_left / 60:.3g} min "
-            f"that remain, so the schedule now ends after epoch {config['epochs']} instead of "
-            f"{old}; {how}")
+            f"{old_total - step} steps left won't end inside the {seconds_left / 60:.3g} min that "
+            f"remain, so the schedule now ends at step {total}, in epoch {config['epochs']}{part}, "
+            f"instead of step {old_total}; {how}")
+
+
+def schedule_steps(config: dict, steps_per_epoch: int) -> int:
+    """The schedule's length in steps: its epochs', or where `shorten` ended it inside an
+    epoch, config["total_steps"]."""
+    return config.get("total_steps") or config["epochs"] * steps_per_epoch
 
 
 def budget_warning(config: dict, epoch_seconds: float, seconds_left: float, epochs_done: int) -> str | None:

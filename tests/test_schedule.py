@@ -254,27 +254,29 @@ def slowing_after(clock, monkeypatch, calls: int, seconds: float):
     monkeypatch.setattr(main, "train_step", step)
 
 
-@pytest.mark.parametrize("slow_from_epoch, epochs, warming_up", [(1, 7, True), (4, 8, False)])
+@pytest.mark.parametrize("slow_from_epoch, epochs, steps, warming_up", [(1, 8, 15, True), (4, 8, 16, False)])
 def test_a_machine_that_slows_down_ends_its_schedule_inside_the_budget(
-        mnist_root, tmp_path, clock, monkeypatch, capsys, slow_from_epoch, epochs, warming_up):
-    """Calibrated at 5 s a step, 10 epochs of 12 s fit the 127 s left of 3 minutes; then steps
-    take 7 s (16 s an epoch). After the first slow epoch the run sees that the rest won't end
-    inside the budget and ends its schedule sooner: in the warm-up by a shorter shape, later
-    by a half cosine from its LR down to the final value, which it still reaches in time."""
+        mnist_root, tmp_path, clock, monkeypatch, capsys, slow_from_epoch, epochs, steps, warming_up):
+    """Calibrated at 5 s a step, 10 epochs of 2 steps (12 s with validation) fit the 127 s
+    left of 3 minutes; then steps take 7 s (16 s an epoch). After the first slow epoch the
+    run sees that the rest won't end inside the budget and ends its schedule at the last
+    step that does, inside an epoch where need be (epoch 8's first step when the slowing
+    comes at epoch 1): in the warm-up by a shorter shape, later by a half cosine from its
+    LR down to the final value, which it still reaches in time."""
     clock.step, clock.batch = 5.0, 2.0
     slowing_after(clock, monkeypatch, 9 + 2 * (slow_from_epoch - 1), 7.0)
     run, start = tmp_path / "run", clock.now
     main.main(quick(mnist_root, run, *ONECYCLE, "--time-budget", "3"))
     config, history, said = config_of(run), lines(run), capsys.readouterr().out
-    assert config["fitted"]["epochs"] == 10 and config["epochs"] == epochs
-    assert config["fitted"]["shortened"] == {"after_epoch": slow_from_epoch, "epochs_before": 10,
+    assert config["fitted"]["epochs"] == 10 and (config["epochs"], config["total_steps"]) == (epochs, steps)
+    assert config["fitted"]["shortened"] == {"after_epoch": slow_from_epoch, "total_steps_before": 20,
                                              "epoch_seconds": 16.0}
-    assert load_config(run)["epochs"] == epochs  # the checkpoint and config.json agree
-    assert f"so the schedule now ends after epoch {epochs} instead of 10; " + (
-        "still warming up" if warming_up else "the LR goes from") in said
+    assert load_config(run)["total_steps"] == steps  # the checkpoint and config.json agree
+    assert f"so the schedule now ends at step {steps}, in epoch {epochs}" in said
+    assert ("still warming up" if warming_up else "the LR goes from") in said
     assert ("anneal" in config) is not warming_up
     assert [r["epoch"] for r in history] == list(range(1, epochs + 1)) and clock.now <= start + 180
-    assert history[-1]["lr"] == pytest.approx(2e-3 / 25e4)  # the schedule's final value
+    assert history[-1]["step"] == steps and history[-1]["lr"] == pytest.approx(2e-3 / 25e4)
     lrs = logged_lrs(run)
     if not warming_up:  # continuous where the half cosine takes over, then down only
         after = [lrs[s] for s in sorted(lrs) if s >= 2 * slow_from_epoch]
@@ -301,7 +303,7 @@ def test_a_shortened_schedule_resumes_exactly(mnist_root, tmp_path, clock, monke
     assert [r["epoch"] for r in lines(tmp_path / "killed")] == [1, 2, 3, 4, 5]
     monkeypatch.setattr(main, "train_step", stepping)
     main.main(fitted("killed") + ["--resume"])
-    assert config_of(tmp_path / "killed")["epochs"] == 8 == config_of(tmp_path / "straight")["epochs"]
+    assert config_of(tmp_path / "killed")["total_steps"] == 16 == config_of(tmp_path / "straight")["total_steps"]
     same_numbers(lines(tmp_path / "straight"), lines(tmp_path / "killed"))
     same_weights(tmp_path / "straight", tmp_path / "killed")
 
