@@ -211,7 +211,7 @@ def shorten(config: dict, epochs_done: int, steps_per_epoch: int, epoch_seconds:
     total = config["total_steps"] = step + more
     config["epochs"] = epochs_done + math.ceil(more / steps_per_epoch)
     if previous["anneal"] is None and step < warmup * total:
-        how = f"still warming up, the {config['schedule']} shape is {total} steps long instead of {old_total}"
+        how = f"still warming up, the {config['schedule']} shape is {total:,} steps long instead of {old_total:,}"
     else:
         config["anneal"] = {"step": step, "factor": now}
         end = lr_factor(config["schedule"], warmup, total, total)
@@ -221,9 +221,9 @@ def shorten(config: dict, epochs_done: int, steps_per_epoch: int, epoch_seconds:
     last = total - (config["epochs"] - 1) * steps_per_epoch
     part = f" ({last} of its {steps_per_epoch} steps)" if last < steps_per_epoch else ""
     return (f"this machine slowed since its calibration: at {epoch_seconds:.3g} s an epoch, the "
-            f"{old_total - step} steps left won't end inside the {seconds_left / 60:.3g} min that "
-            f"remain, so the schedule now ends at step {total}, in epoch {config['epochs']}{part}, "
-            f"instead of step {old_total}; {how}")
+            f"{old_total - step:,} steps left won't end inside the {seconds_left / 60:.3g} min that "
+            f"remain, so the schedule now ends at step {total:,}, in epoch {config['epochs']}{part}, "
+            f"instead of step {old_total:,}; {how}")
 
 
 def schedule_steps(config: dict, steps_per_epoch: int) -> int:
