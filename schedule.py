@@ -20,8 +20,9 @@ budget on this machine (main.fit_to_budget drives it):
 3. main.py records the result in config["epochs"], config["epoch_size"] and
    config["fitted"], which config.json and every checkpoint carry, so --resume continues
    the very same schedule.
-4. After each epoch, `shorten` ends the schedule sooner where the machine has slowed so
-   much that the epochs left won't end inside the budget (recorded the same way).
+4. After each epoch, `shorten` ends the schedule sooner, at the last step that fits,
+   where the machine has slowed so much that the steps left won't end inside the budget
+   (recorded the same way, with config["total_steps"]).
 
 A onecycle or cosine shape can't stretch: a resumed run whose --epochs changed goes on
 from its LR at that step down to the schedule's final value at the new end, along a half
@@ -186,7 +187,7 @@ def fit_message(config: dict, record: dict, fits: bool, resized: bool = False) -
 
 def shorten(config: dict, epochs_done: int, steps_per_epoch: int, epoch_seconds: float,
             seconds_left: float) -> str | None:
-    """After an epoch of a fitted run: where the epochs left won't end inside the budget at
+    """After an epoch of a fitted run: where the steps left won't end inside the budget at
     the pace of the epoch just run (a shared machine that slowed down after calibration),
     the schedule ends at the last step that does, instead of being cut mid-way with its LR
     high; the last epoch then stops at that step and validates. Still in the warm-up, the
