@@ -705,7 +705,8 @@ def fit_to_budget(state: TrainState, runnable, datasets, loaders, amp_ctx, deadl
     lighter = config["fitted"].get("lighter")
     free = config["fitted"].get("free_epoch_size", False)
     speed = time_steps(state, runnable, datasets, loaders, amp_ctx, deadline)
-    epochs, steps, fits = fit_length(speed, state.steps_per_epoch, broadcast(deadline - time.time(), rank), free)
+    seconds_left = broadcast(deadline - time.time(), rank)
+    epochs, steps, fits = fit_length(speed, state.steps_per_epoch, seconds_left, free)
     instead = None
     if lighter is not None and epochs * steps < lighter["below"]:
         instead = {"arch": config["arch"], "steps": epochs * steps, "step_seconds": round(speed.step, 4)}
@@ -716,8 +717,8 @@ def fit_to_budget(state: TrainState, runnable, datasets, loaders, amp_ctx, deadl
             f"step), fewer than {lighter['below']:,}: training the lighter {lighter['arch']} instead "
             f"({count_parameters(model):,} parameters; give --epochs to train {config['arch']} as it is)")
         speed = time_steps(state, runnable, datasets, loaders, amp_ctx, deadline)
-    seconds_left = broadcast(deadline - time.time(), rank)
-    epochs, steps, fits = fit_length(speed, state.steps_per_epoch, seconds_left, free)
+        seconds_left = broadcast(deadline - time.time(), rank)
+        epochs, steps, fits = fit_length(speed, state.steps_per_epoch, seconds_left, free)
     resized = steps != state.steps_per_epoch
     if resized:  # Moving MNIST makes any number of sequences an epoch
         config["epoch_size"] = datasets[0].length = steps * config["batch_size"] * state.world

@@ -151,14 +151,14 @@ PRESETS: dict[str, Preset] = {
         val_size=250,
         epochs=16,         # without --time-budget; the quick start fits its own length
         # On a 2-core CPU without native bf16 tiny fits 800-1,100 steps in the quick start's
-        # 15 minutes, and tiny_lite about 1,600, which scored better (docs/results.md, the
+        # 15 minutes, and tiny_lite 1,400-2,100, which scored better (docs/results.md, the
         # slow-CPU study); a 2-core CPU with AVX512-BF16 fits about 3,700 and keeps tiny.
         lighter="tiny_lite",
         lighter_below=2_000,
     ),
 }
-# tiny with 32 channels in its first stage instead of 64: 679,377 parameters, about 1.6x the
-# steps a second of tiny on a CPU (docs/results.md). What tiny trains where it is slow.
+# tiny with 32 channels in its first stage instead of 64: 679,377 parameters, about twice
+# the steps a second of tiny on a CPU (docs/results.md). What tiny trains where it is slow.
 PRESETS["tiny_lite"] = dataclasses.replace(
     PRESETS["tiny"],
     stages=[

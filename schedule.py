@@ -196,7 +196,7 @@ def shorten(config: dict, epochs_done: int, steps_per_epoch: int, epoch_seconds:
     config["total_steps"], config["epochs"] (and config["anneal"]) and
     config["fitted"]["shortened"]; returns the line that says so, or None where the rest
     fits, or where not even one more step would (the budget then stops it)."""
-    old_epochs, old_total = config["epochs"], schedule_steps(config, steps_per_epoch)
+    old_total = schedule_steps(config, steps_per_epoch)
     step = epochs_done * steps_per_epoch
     usable = seconds_left * (1 - SAFETY)
     fixed = config["fitted"]["validation_seconds"] + CHECKPOINTS_PER_EPOCH * config["fitted"]["checkpoint_seconds"]
@@ -206,12 +206,11 @@ def shorten(config: dict, epochs_done: int, steps_per_epoch: int, epoch_seconds:
     more = whole * steps_per_epoch + min(max(math.floor((rest - fixed) / step_seconds), 0), steps_per_epoch - 1)
     if config["schedule"] not in DECAYING or not 1 <= more < old_total - step:
         return None
-    warmup = config["warmup"]
-    previous = {"epochs": old_epochs, "total_steps": old_total, "anneal": config.get("anneal")}
-    now = lr_factor(config["schedule"], warmup, step, old_total, previous["anneal"])
+    warmup, anneal = config["warmup"], config.get("anneal")
+    now = lr_factor(config["schedule"], warmup, step, old_total, anneal)
     total = config["total_steps"] = step + more
     config["epochs"] = epochs_done + math.ceil(more / steps_per_epoch)
-    if previous["anneal"] is None and step < warmup * total:
+    if anneal is None and step < warmup * total:
         how = f"still warming up, the {config['schedule']} shape is {total:,} steps long instead of {old_total:,}"
     else:
         config["anneal"] = {"step": step, "factor": now}
