@@ -150,21 +150,26 @@ PRESETS: dict[str, Preset] = {
         # that time to training (docs/results.md, the slow-CPU study)
         val_size=250,
         epochs=16,         # without --time-budget; the quick start fits its own length
-        # On a 2-core CPU without native bf16 tiny fits 800-1,100 steps in the quick start's
-        # 15 minutes, and tiny_lite 1,400-2,100, which scored better (docs/results.md, the
-        # slow-CPU study); a 2-core CPU with AVX512-BF16 fits about 3,700 and keeps tiny.
+        # On a 2-core CPU without native bf16 tiny fits 800-1,200 steps in the quick start's
+        # 15 minutes, and tiny_lite more than twice as many, which score better
+        # (docs/results.md, the slow-CPU study); a CPU with AVX512-BF16 fits about 3,700
+        # and keeps tiny.
         lighter="tiny_lite",
         lighter_below=2_000,
     ),
 }
-# tiny with 32 channels in its first stage instead of 64: 679,377 parameters, about twice
-# the steps a second of tiny on a CPU (docs/results.md). What tiny trains where it is slow.
+# What tiny trains where it is slow: tiny with 32 channels in its first stage instead of 64,
+# and a lighter full-resolution head: the first stage's up block puts each 16x16 pixel's
+# 4x4 patch out as 8 channels (kernel = stride, as PredRNN's patches), which one 3x3 conv
+# of 8 channels then joins. 648,953 parameters; on a 2-core AVX2 CPU about 2.3x the steps a
+# second of tiny, where the full-resolution head took a third of a step (docs/results.md).
 PRESETS["tiny_lite"] = dataclasses.replace(
     PRESETS["tiny"],
     stages=[
-        Stage(down=Conv(1, 32, 5, stride=4), hidden=32, up=Conv(32, 16, 8, stride=4, transposed=True)),
+        Stage(down=Conv(1, 32, 5, stride=4), hidden=32, up=Conv(32, 8, 4, stride=4, transposed=True)),
         Stage(down=Conv(32, 64, 3, stride=2), hidden=64, up=Conv(64, 32, 4, stride=2, transposed=True)),
     ],
+    head=[Conv(8, 8, 3), Conv(8, 1, 1)],
     lighter=None, lighter_below=0)
 
 

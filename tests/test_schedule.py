@@ -204,7 +204,7 @@ def test_where_few_steps_fit_the_lighter_preset_trains_and_resumes_exactly(
     config = config_of(tmp_path / "straight")
     said = capsys.readouterr().out
     assert "tiny fits 20 steps in the budget here (5 s a step), fewer than 21: training the lighter " \
-           "tiny_lite instead (679,377 parameters; give --epochs to train tiny as it is)" in said
+           "tiny_lite instead (648,953 parameters; give --epochs to train tiny as it is)" in said
     assert config["arch"] == "tiny" and config["fitted"]["instead_of"] == {
         "arch": "tiny", "steps": 20, "step_seconds": 5.0}
     lite = model.fit_to_data("tiny_lite", 1, (64, 64))
@@ -213,7 +213,7 @@ def test_where_few_steps_fit_the_lighter_preset_trains_and_resumes_exactly(
     # The lighter model was timed for its own fit (one calibration after tiny's), and the
     # checkpoints hold it: load_model rebuilds it from the run alone.
     assert (config["epochs"], config["fitted"]["steps_per_epoch"]) == (5, 2)  # 74 s were left
-    assert model.count_parameters(model.load_model(tmp_path / "straight" / "checkpoints" / "best.pt")) == 679_377
+    assert model.count_parameters(model.load_model(tmp_path / "straight" / "checkpoints" / "best.pt")) == 648_953
 
     stepping, step_then_ctrl_c = ctrl_c_at_training_step(3, calibrations=2)
     monkeypatch.setattr(main, "train_step", step_then_ctrl_c)
