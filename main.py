@@ -38,7 +38,7 @@ from devices import (AMP_CHOICES, CONVS, autocast_context, pick_device, resolve_
 from distributed import (agree, agree_max, all_sum, broadcast, close_distributed, init_distributed,
                          parallel, rank0_first)
 from metrics import METRIC_NAMES, check_balance, check_thresholds, score
-from model import build_model, check_preset, count_parameters, fit_to_data, to_unit
+from model import build_model, check_preset, count_parameters, fit_to_data, frame_size, to_unit
 from net_params import get_preset
 from nowcast import BALANCE_THRESHOLDS, BALANCE_WEIGHTS, SCORE_NAMES
 from pictures import prediction_grid
@@ -284,8 +284,7 @@ def lighter_model(preset):
     """The preset that `preset.lighter` names, for the same frames as `preset`."""
     lighter = get_preset(preset.lighter)
     lighter.frames_input, lighter.frames_output = preset.frames_input, preset.frames_output
-    size = preset.image_size if isinstance(preset.image_size, list) else [preset.image_size] * 2
-    return fit_to_data(lighter, preset.frame_channels, size)
+    return fit_to_data(lighter, preset.frame_channels, frame_size(preset))
 
 
 # Settings that configs written before a flag existed imply.
@@ -532,7 +531,6 @@ class TrainState:
         decay = config["weight_decay"]
         opt = torch.optim.AdamW if config["optimizer"] == "adamw" else torch.optim.Adam
         self.optimizer = opt(model.parameters(), lr=config["lr"], weight_decay=decay)
-        self.total_steps = schedule_steps(config, steps_per_epoch)
         if config["schedule"] == "plateau":  # factor 0.5 and patience 4, as in the original repo
             self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=0.5,
                                                                         patience=4)
@@ -551,6 +549,11 @@ class TrainState:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    @property
+    def total_steps(self) -> int:
+        """The schedule's length in steps, which `shorten` may change after an epoch."""
+        return schedule_steps(self.config, self.steps_per_epoch)
 
     def factor(self, step: int) -> float:
         """The LR at `step` as a share of the peak (onecycle, cosine; schedule.py)."""
@@ -704,9 +707,13 @@ def fit_to_budget(state: TrainState, runnable, datasets, loaders, amp_ctx, deadl
     config, rank = state.config, state.rank
     lighter = config["fitted"].get("lighter")
     free = config["fitted"].get("free_epoch_size", False)
-    speed = time_steps(state, runnable, datasets, loaders, amp_ctx, deadline)
-    seconds_left = broadcast(deadline - time.time(), rank)
-    epochs, steps, fits = fit_length(speed, state.steps_per_epoch, seconds_left, free)
+
+    def measure(state, runnable):  # the speed, the seconds left, and fit_length's answer
+        speed = time_steps(state, runnable, datasets, loaders, amp_ctx, deadline)
+        seconds_left = broadcast(deadline - time.time(), rank)
+        return (speed, seconds_left, *fit_length(speed, state.steps_per_epoch, seconds_left, free))
+
+    speed, seconds_left, epochs, steps, fits = measure(state, runnable)
     instead = None
     if lighter is not None and epochs * steps < lighter["below"]:
         instead = {"arch": config["arch"], "steps": epochs * steps, "step_seconds": round(speed.step, 4)}
@@ -716,9 +723,7 @@ def fit_to_budget(state: TrainState, runnable, datasets, loaders, amp_ctx, deadl
         log(f"{config['arch']} fits {epochs * steps:,} steps in the budget here ({speed.step:.3g} s a "
             f"step), fewer than {lighter['below']:,}: training the lighter {lighter['arch']} instead "
             f"({count_parameters(model):,} parameters; give --epochs to train {config['arch']} as it is)")
-        speed = time_steps(state, runnable, datasets, loaders, amp_ctx, deadline)
-        seconds_left = broadcast(deadline - time.time(), rank)
-        epochs, steps, fits = fit_length(speed, state.steps_per_epoch, seconds_left, free)
+        speed, seconds_left, epochs, steps, fits = measure(state, runnable)
     resized = steps != state.steps_per_epoch
     if resized:  # Moving MNIST makes any number of sequences an epoch
         config["epoch_size"] = datasets[0].length = steps * config["batch_size"] * state.world
@@ -825,7 +830,6 @@ def train(config, run, checkpoint, fork_source, train_set, val_set, rank, world,
                 seconds = time.time() - t0 + CHECKPOINTS_PER_EPOCH * config["fitted"]["checkpoint_seconds"]
                 shortened = shorten(config, state.epoch, state.steps_per_epoch,
                                     *broadcast((seconds, deadline - time.time()), rank))
-                state.total_steps = schedule_steps(config, state.steps_per_epoch)
             run.save(state.state_dict(), improved)
             result = state.history[-1]
             run.log(state.step, {"train/epoch_loss": result["train_loss"], "val/loss": val_loss,

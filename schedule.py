@@ -78,11 +78,19 @@ def reanchor(config: dict, previous: dict, step: int, steps_per_epoch: int) -> s
     now = lr_factor(schedule, warmup, step, schedule_steps(previous, steps_per_epoch), previous.get("anneal"))
     config.pop("total_steps", None)  # a shortened schedule's end gives way to the new --epochs
     total = config["epochs"] * steps_per_epoch
-    config["anneal"] = {"step": step, "factor": now}
-    end = lr_factor(schedule, warmup, total, total)
+    lr_now, lr_end = anneal_from(config, step, now, total)
     return (f"--epochs {config['epochs']} instead of {previous['epochs']}: a {schedule} schedule "
-            f"can't stretch, so the LR goes from {now * config['lr']:.3g} at step {step} down to "
-            f"{end * config['lr']:.3g} at step {total}")
+            f"can't stretch, so the LR goes from {lr_now:.3g} at step {step} down to "
+            f"{lr_end:.3g} at step {total}")
+
+
+def anneal_from(config: dict, step: int, factor: float, total: int) -> tuple[float, float]:
+    """Record in config["anneal"] that from `step` on the LR goes from `factor` of its peak
+    down to the schedule's final value at step `total`, along a half cosine (lr_factor);
+    returns the LR at both ends."""
+    config["anneal"] = {"step": step, "factor": factor}
+    end = lr_factor(config["schedule"], config["warmup"], total, total)
+    return factor * config["lr"], end * config["lr"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -213,9 +221,8 @@ def shorten(config: dict, epochs_done: int, steps_per_epoch: int, epoch_seconds:
     if anneal is None and step < warmup * total:
         how = f"still warming up, the {config['schedule']} shape is {total:,} steps long instead of {old_total:,}"
     else:
-        config["anneal"] = {"step": step, "factor": now}
-        end = lr_factor(config["schedule"], warmup, total, total)
-        how = f"the LR goes from {now * config['lr']:.3g} now down to {end * config['lr']:.3g} at its end"
+        lr_now, lr_end = anneal_from(config, step, now, total)
+        how = f"the LR goes from {lr_now:.3g} now down to {lr_end:.3g} at its end"
     config["fitted"]["shortened"] = {"after_epoch": epochs_done, "total_steps_before": old_total,
                                      "epoch_seconds": round(epoch_seconds, 2)}
     last = total - (config["epochs"] - 1) * steps_per_epoch
